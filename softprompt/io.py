@@ -1,0 +1,192 @@
+"""save_prompt / load_prompt: a peft-loadable adapter folder, plus what peft cannot hold.
+
+Folder layout:
+  adapter_model.safetensors  ``prompt_embeddings`` [n_virtual, d] fp32 = the prompt in eval mode
+                             (what peft loads); ``base_model.<head>.<param>`` for classification
+                             heads (peft's keys); P-Tuning only: ``softprompt.encoder.<param>``,
+                             the encoder weights (peft ignores unknown keys) so training resumes.
+  adapter_config.json        peft's PROMPT_TUNING / P_TUNING config, ``inference_mode: true``.
+  softprompt_config.json     our PromptConfig and task, so a reload rebuilds the same module.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from softprompt.config import PromptConfig
+from softprompt.model import PromptModel
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+OUR_CONFIG = "softprompt_config.json"
+ENCODER_PREFIX = "softprompt.encoder."
+HEAD_PREFIX = "base_model."
+TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}
+PEFT_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT", "ids": "RANDOM"}
+
+
+def adapter_state_dict(pm: PromptModel) -> dict[str, torch.Tensor]:
+    """Every tensor ``save_prompt`` writes, detached, fp32 where trained, on CPU."""
+    was_training = pm.prompt_encoder.training
+    pm.prompt_encoder.eval()  # the saved prompt never carries a dropout mask
+    with torch.no_grad():
+        prompt = pm.prompt()
+    pm.prompt_encoder.train(was_training)
+    state = {"prompt_embeddings": prompt.detach().to("cpu", torch.float32).contiguous()}
+    if pm.config.method == "ptuning":
+        for key, value in pm.prompt_encoder.state_dict().items():
+            state[ENCODER_PREFIX + key] = value.detach().to("cpu").contiguous()
+    if pm.head is not None:
+        for key, value in pm.head.state_dict().items():
+            state[f"{HEAD_PREFIX}{pm.head_name}.{key}"] = value.detach().to("cpu").contiguous()
+    return state
+
+
+def save_prompt(pm: PromptModel, folder: Union[str, os.PathLike], tokenizer_name_or_path: str = None) -> None:
+    """Write the adapter folder (atomically, file by file).
+
+    Args:
+        pm: the model to save.
+        folder: created if missing.
+        tokenizer_name_or_path: written into peft's config for text inits (peft requires one
+            for ``prompt_tuning_init: TEXT``); without it a text init is recorded as RANDOM there
+            (peft never re-runs the init on load), while softprompt_config.json keeps the truth.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(folder, WEIGHTS)
+    save_file(adapter_state_dict(pm), str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / WEIGHTS)
+    _write_json(folder / PEFT_CONFIG, peft_config_dict(pm, tokenizer_name_or_path))
+    _write_json(folder / OUR_CONFIG, {"config": pm.config.to_dict(), "task": pm.task, "format_version": 1})
+
+
+def peft_config_dict(pm: PromptModel, tokenizer_name_or_path: str = None) -> dict[str, Any]:
+    """peft 0.21.2's adapter_config.json fields for this model."""
+    cfg, hf = pm.config, getattr(pm.backbone, "config", None)
+    out: dict[str, Any] = {
+        "auto_mapping": None,
+        "base_model_name_or_path": getattr(pm.backbone, "name_or_path", None) or None,
+        "inference_mode": True,
+        "modules_to_save": ["classifier", "score"] if pm.task == "seq_cls" else None,
+        "num_attention_heads": _first_attr(hf, ("num_attention_heads", "n_head", "num_heads")),
+        "num_layers": _first_attr(hf, ("num_hidden_layers", "num_layers", "n_layer")),
+        "num_transformer_submodules": 1,
+        "num_virtual_tokens": cfg.n_virtual,
+        "revision": None,
+        "task_type": TASK_TYPES[pm.task],
+        "token_dim": pm.dim,
+    }
+    if cfg.method == "prompt":
+        init = PEFT_INITS[cfg.init]
+        if init == "TEXT" and not tokenizer_name_or_path:
+            init = "RANDOM"
+        out.update(peft_type="PROMPT_TUNING", prompt_tuning_init=init,
+                   prompt_tuning_init_text=cfg.init_text if init == "TEXT" else None,
+                   tokenizer_name_or_path=tokenizer_name_or_path if init == "TEXT" else None,
+                   tokenizer_kwargs=None)
+    else:
+        out.update(peft_type="P_TUNING", encoder_dropout=cfg.encoder_dropout,
+                   encoder_hidden_size=cfg.encoder_hidden or pm.dim, encoder_num_layers=cfg.encoder_num_layers,
+                   encoder_reparameterization_type="MLP" if cfg.encoder == "mlp" else "LSTM")
+    return out
+
+
+def load_prompt(backbone: nn.Module, folder: Union[str, os.PathLike], tokenizer: Any = None) -> PromptModel:
+    """Rebuild a PromptModel from a folder written by ``save_prompt`` or by peft.
+
+    A peft-saved P-Tuning folder holds only the encoder output, so it loads as a fixed prompt
+    table (``method="prompt"``), exactly what peft itself reloads.
+
+    Args:
+        backbone: a fresh backbone of the same architecture (it is frozen, never modified).
+        folder: the adapter folder.
+        tokenizer: unused by loading (kept for symmetry with PromptModel).
+    Returns:
+        the PromptModel in eval mode; its adapter parameters still require grad.
+    """
+    folder = Path(folder)
+    peft_cfg = json.loads((folder / PEFT_CONFIG).read_text())
+    peft_type = peft_cfg.get("peft_type")
+    if peft_type not in ("PROMPT_TUNING", "P_TUNING"):
+        raise ValueError(f"{folder / PEFT_CONFIG}: peft_type={peft_type!r}; expected PROMPT_TUNING or P_TUNING")
+    if peft_cfg.get("num_transformer_submodules", 1) != 1:
+        raise ValueError(f"num_transformer_submodules={peft_cfg['num_transformer_submodules']}; "
+                         "only decoder-only / encoder-only backbones (1) are supported")
+    state = load_file(str(folder / WEIGHTS))
+    has_encoder = any(k.startswith(ENCODER_PREFIX) for k in state)
+    ours = folder / OUR_CONFIG
+    if ours.exists():
+        meta = json.loads(ours.read_text())
+        config, task = PromptConfig.from_dict(meta["config"]), meta["task"]
+    else:
+        task = {v: k for k, v in TASK_TYPES.items()}.get(peft_cfg.get("task_type"))
+        if task is None:
+            raise ValueError(f"task_type={peft_cfg.get('task_type')!r}; expected one of {list(TASK_TYPES.values())}")
+        config = PromptConfig(method="prompt", n_virtual=int(peft_cfg["num_virtual_tokens"]))
+    if config.method == "ptuning" and not has_encoder:
+        raise ValueError(f"{folder}: softprompt_config.json says P-Tuning but no {ENCODER_PREFIX}* keys exist")
+    dim = int(backbone.get_input_embeddings().weight.shape[1])
+    token_dim = peft_cfg.get("token_dim")
+    if token_dim is not None and int(token_dim) != dim:
+        raise ValueError(f"adapter token_dim={token_dim} but the backbone's embedding width is {dim}: "
+                         "the adapter was saved for a different model")
+    expected_shape = (config.n_virtual, dim)
+    if tuple(state["prompt_embeddings"].shape) != expected_shape:
+        raise ValueError(f"prompt_embeddings has shape {tuple(state['prompt_embeddings'].shape)}; expected "
+                         f"{expected_shape} (n_virtual, backbone embedding width)")
+    pm = PromptModel(backbone, config, task=task, init_weights=False)
+    _load_tensors(pm, state)
+    return pm.eval()
+
+
+def _load_tensors(pm: PromptModel, state: dict[str, torch.Tensor]) -> None:
+    """Copy every tensor in; name every missing, unexpected or mis-shaped key."""
+    targets: dict[str, torch.Tensor] = {}
+    if pm.config.method == "prompt":
+        targets["prompt_embeddings"] = pm.table.weight
+    else:
+        targets.update({ENCODER_PREFIX + k: v for k, v in pm.prompt_encoder.state_dict(keep_vars=True).items()})
+    if pm.head is not None:
+        targets.update({f"{HEAD_PREFIX}{pm.head_name}.{k}": v for k, v in pm.head.state_dict(keep_vars=True).items()})
+    optional = {"prompt_embeddings"} if pm.config.method == "ptuning" else set()
+    missing = sorted(set(targets) - set(state))
+    unexpected = sorted(set(state) - set(targets) - optional)
+    bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+           for k, v in targets.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or bad:
+        raise ValueError(f"adapter does not fit this model: missing keys {missing}, unexpected keys "
+                         f"{unexpected}, shape mismatches {bad}")
+    with torch.no_grad():
+        for key, target in targets.items():
+            target.copy_(state[key].to(target.dtype))
+
+
+def _first_attr(obj: Any, names: tuple[str, ...]) -> Any:
+    for name in names:
+        value = getattr(obj, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _tmp_path(folder: Path, name: str) -> Path:
+    fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    return Path(path)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = _tmp_path(path.parent, path.name)
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
