@@ -232,3 +232,28 @@ def emit(name: str, title: str, threads: int, table: str, notes: str = "",
     if write:
         write_section(name, body)
     return body
+
+
+def bench_args(description: str, repeats: int, warmup: int = 1):
+    """An argparse parser with the knobs every script shares.
+
+    --quick: tiny models, few repeats (CI-sized; does not touch the docs unless --write);
+    --threads N; --repeats N; --warmup N; --no-write / --write.
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="tiny models, few repeats (CI-sized)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores, <= 8)")
+    p.add_argument("--repeats", type=int, default=repeats, help="timed rounds per candidate")
+    p.add_argument("--warmup", type=int, default=warmup, help="untimed rounds first")
+    p.add_argument("--no-write", dest="write", action="store_false", default=None,
+                   help="print only; leave docs/benchmarks.md alone")
+    p.add_argument("--write", dest="write", action="store_true",
+                   help="write docs/benchmarks.md even with --quick")
+    return p
+
+
+def should_write(args) -> bool:
+    """Default: full runs write their docs section, --quick runs do not."""
+    return (not args.quick) if args.write is None else args.write
