@@ -1,0 +1,183 @@
+"""Resumable checkpoints: safetensors + JSON only, written atomically.
+
+A checkpoint is a folder ``<run>/checkpoints/step-<N>/`` holding
+- ``trainable.safetensors``: every trainable parameter by its name in the model;
+- ``optimizer.safetensors``: the optimizer's per-parameter state tensors, keyed
+  ``"<param index>.<state name>"`` (AdamW: ``step``, ``exp_avg``, ``exp_avg_sq``);
+- ``rng.safetensors``: the torch CPU generator state (and each CUDA device's);
+- ``state.json``: step, optimizer param-group hyper-parameters, GradScaler state, python
+  ``random`` state, the run config and any extra fields;
+- ``adapter/``: the method's own adapter folder, when a writer is given.
+The folder is built under a temporary name and renamed into place; ``<run>/checkpoints/latest.json``
+then names it (replaced atomically), so a run killed at any point leaves the previous
+checkpoint intact and named.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "write_json_atomic",
+           "named_trainable"]
+
+log = logging.getLogger(__name__)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def named_trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of every parameter with ``requires_grad``, in registration order."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], list]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    py = random.getstate()
+    return tensors, [py[0], list(py[1]), py[2]]
+
+
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scaler_state: Optional[dict], extra: dict,
+                    write_adapter: Optional[Callable[[torch.nn.Module, Path], None]] = None,
+                    keep: int = 1) -> Path:
+    """Write a resumable checkpoint of ``step`` and point ``latest.json`` at it.
+
+    Args:
+        run_dir: the run folder; checkpoints go under ``run_dir/checkpoints``.
+        step: optimizer steps completed.
+        model: the (unwrapped) adapted model.
+        optimizer: its optimizer; states are saved per trainable-parameter index.
+        scaler_state: ``GradScaler.state_dict()`` or None.
+        extra: JSON-ready fields stored in ``state.json`` (config, metrics...).
+        write_adapter: writes the method's adapter folder into a given path.
+        keep: how many newest checkpoints to keep.
+    Returns:
+        The checkpoint folder.
+    """
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=root))
+    try:
+        named = named_trainable(model)
+        save_file({n: p.detach().contiguous().cpu() for n, p in named}, tmp / "trainable.safetensors")
+        index = {id(p): i for i, (_, p) in enumerate(named)}
+        opt = optimizer.state_dict()
+        # state_dict numbers params by their order in param_groups; map back to our indices
+        order = [p for g in optimizer.param_groups for p in g["params"]]
+        tensors, scalars = {}, {}
+        for k, st in opt["state"].items():
+            i = index[id(order[k])]
+            for name, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"{i}.{name}"] = v.detach().contiguous().cpu()
+                else:
+                    scalars[f"{i}.{name}"] = v
+        save_file(tensors, tmp / "optimizer.safetensors")
+        rng_tensors, py_rng = _rng_state()
+        save_file(rng_tensors, tmp / "rng.safetensors")
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
+        groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in groups]
+        state = {"step": step, "param_groups": groups, "optimizer_scalars": scalars,
+                 "scaler": scaler_state, "python_rng": py_rng,
+                 "trainable_names": [n for n, _ in named], **extra}
+        write_json_atomic(tmp / "state.json", state)
+        if write_adapter is not None:
+            write_adapter(model, tmp / "adapter")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_json_atomic(root / "latest.json", {"step": step, "folder": final.name})
+    old = sorted(p for p in root.glob("step-*") if p.is_dir() and p != final)
+    for p in old[:max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The folder ``latest.json`` names, or None when the run has no checkpoint."""
+    pointer = Path(run_dir) / "checkpoints" / "latest.json"
+    if not pointer.is_file():
+        return None
+    folder = pointer.parent / json.loads(pointer.read_text())["folder"]
+    return folder if folder.is_dir() else None
+
+
+def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore trainable tensors, optimizer state and RNG from ``folder``; return ``state.json``.
+
+    Raises:
+        ValueError: the model's trainable parameters differ from the checkpoint's (names listed).
+    """
+    folder = Path(folder)
+    state = json.loads((folder / "state.json").read_text())
+    named = named_trainable(model)
+    names = [n for n, _ in named]
+    if names != state["trainable_names"]:
+        missing = sorted(set(state["trainable_names"]) - set(names))
+        unexpected = sorted(set(names) - set(state["trainable_names"]))
+        raise ValueError(f"checkpoint {folder} does not fit this model: missing {missing}, "
+                         f"unexpected {unexpected}")
+    tensors = load_file(folder / "trainable.safetensors")
+    with torch.no_grad():
+        for n, p in named:
+            if tensors[n].shape != p.shape:
+                raise ValueError(f"checkpoint {folder}: {n} has shape {tuple(tensors[n].shape)}, "
+                                 f"the model {tuple(p.shape)}")
+            p.copy_(tensors[n])
+    opt_tensors = load_file(folder / "optimizer.safetensors")
+    order = [p for g in optimizer.param_groups for p in g["params"]]
+    index = {id(p): i for i, (_, p) in enumerate(named)}
+    per_param: dict[int, dict] = {}
+    for key, v in list(opt_tensors.items()) + list(state["optimizer_scalars"].items()):
+        i, name = key.split(".", 1)
+        per_param.setdefault(int(i), {})[name] = v
+    opt_state = {k: per_param[index[id(p)]] for k, p in enumerate(order) if index[id(p)] in per_param}
+    groups = [dict(saved, params=[k for k, _ in enumerate(g["params"])])
+              for saved, g in zip(state["param_groups"], optimizer.param_groups)]
+    # param indices in a state_dict run across groups; renumber them the same way
+    start = 0
+    for g in groups:
+        g["params"] = [start + k for k in g["params"]]
+        start += len(g["params"])
+    for g in groups:
+        for k, v in list(g.items()):
+            if k == "betas":
+                g[k] = tuple(v)
+    optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    rng = load_file(folder / "rng.safetensors")
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    log.info("resumed from %s (step %d)", folder, state["step"])
+    return state
