@@ -205,3 +205,9 @@ def train_step(model: torch.nn.Module, batch: dict, amp: torch.dtype | None,
 
 def n_trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def fixed_ids(vocab: int, batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    """Random token ids (batch, seq) >= 3 (clear of pad/bos/eos) from a private generator."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, seq), generator=gen)
