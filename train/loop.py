@@ -227,7 +227,12 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
             with sync:
                 with autocast():
                     out = net(**batch)
-                loss = out.loss.float()
+                if counts[a] == 0:
+                    # every answer was truncated away: the model's mean is 0/0. Back-propagate
+                    # zeros instead, so DDP ranks still run the same collective calls.
+                    loss = out.logits.float().sum() * 0.0
+                else:
+                    loss = out.loss.float()
                 bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0)
                 if world > 1:  # every rank must stop together, before any backward all-reduce
                     dist.all_reduce(bad)
@@ -255,7 +260,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
         optimizer.zero_grad(set_to_none=True)
         if world > 1:
             dist.all_reduce(loss_sum)
-        step_loss = float(loss_sum / total)
+        step_loss = float(loss_sum / total) if total > 0 else float("nan")
         dt = time.perf_counter() - t0
         step_times.append(dt)
         window.append(step_loss)

@@ -14,7 +14,7 @@ class ToyAdapter(torch.nn.Module):
     loop is tested on its own.
     """
 
-    def __init__(self, backbone: torch.nn.Module, rank: int = 2, head: str | None = None):
+    def __init__(self, backbone: torch.nn.Module, rank: int = 2, head: str | None = None, dropout: float = 0.1):
         super().__init__()
         self.backbone = backbone
         for p in backbone.parameters():
@@ -22,7 +22,7 @@ class ToyAdapter(torch.nn.Module):
         d = backbone.get_input_embeddings().embedding_dim
         self.down = torch.nn.Linear(d, rank, bias=False)
         self.up = torch.nn.Linear(rank, d, bias=False)
-        self.drop = torch.nn.Dropout(0.1)
+        self.drop = torch.nn.Dropout(dropout)
         torch.nn.init.normal_(self.up.weight, std=0.02)
         if head is not None:
             for p in getattr(backbone, head).parameters():
@@ -45,10 +45,10 @@ def classify_examples(n: int = 32, max_length: int = 16) -> list[dict]:
     return [encode_text(tok, r, max_length) for r in recs]
 
 
-def instruct_examples(n: int = 32, max_length: int = 24) -> list[dict]:
+def instruct_examples(n: int = 32, max_length: int = 40) -> list[dict]:
     tok = tiny_tokenizer()
     recs = [{"instruction": "Is the sentiment positive or negative?", "input": TEXTS[i % 8] + " ." * (i % 4),
-             "output": ["negative", "positive"][i % 2]} for i in range(n)]
+             "output": ["negative", "positive"][i % 2] + " ." * (i % 3)} for i in range(n)]
     return [encode_instruction(tok, r, max_length) for r in recs]
 
 
@@ -57,9 +57,9 @@ def toy_classifier(seed: int = 0) -> ToyAdapter:
     return ToyAdapter(tiny_bert_classifier(num_labels=2, seed=seed), head="classifier")
 
 
-def toy_causal(seed: int = 0) -> ToyAdapter:
+def toy_causal(seed: int = 0, dropout: float = 0.1) -> ToyAdapter:
     torch.manual_seed(seed + 100)
-    return ToyAdapter(tiny_causal_lm("llama", seed=seed))
+    return ToyAdapter(tiny_causal_lm("llama", seed=seed), dropout=dropout)
 
 
 def collator() -> PadCollator:

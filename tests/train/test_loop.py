@@ -1,0 +1,131 @@
+"""The loop over a generic adapted module: accumulation, fp16 GradScaler, NaN stop, checkpoints."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.train.helpers import classify_examples, collator, instruct_examples, toy_causal, toy_classifier
+from train.checkpoint import latest_checkpoint, load_checkpoint
+from train.config import LoopConfig
+from train.loop import NonFiniteLossError, train
+
+
+def _trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_batch_8_equals_8_accumulated_micro_batches(tmp_path):
+    # causal labels of different lengths: the per-token mean must survive accumulation
+    ex = instruct_examples(32)
+    results = []
+    for bs, acc in ((8, 1), (1, 8), (2, 4)):
+        model = toy_causal(dropout=0.0)
+        train(model, ex, collator(), LoopConfig(steps=3, batch_size=bs, grad_accum=acc, progress=False),
+              tmp_path / f"{bs}x{acc}", lr=1e-2)
+        results.append(_trainable(model))
+    for other in results[1:]:
+        for name in results[0]:
+            torch.testing.assert_close(other[name], results[0][name], atol=1e-6, rtol=1e-6)
+    before = _trainable(toy_causal(dropout=0.0))
+    assert any(not torch.equal(before[n], results[0][n]) for n in before)  # it did train
+
+
+def test_only_trainable_parameters_change(tmp_path):
+    model = toy_classifier()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    train(model, classify_examples(16), collator(), LoopConfig(steps=2, batch_size=4, progress=False),
+          tmp_path, lr=1e-2)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def test_fp16_autocast_uses_the_grad_scaler_and_skips_overflow(tmp_path):
+    model = toy_causal(dropout=0.0)
+    dtypes = []
+    model.backbone.lm_head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    calls = {"n": 0}
+
+    def overflow_once(grad):  # the first backward overflows: the scaler must skip that update
+        calls["n"] += 1
+        return torch.full_like(grad, float("inf")) if calls["n"] == 1 else grad
+    model.up.weight.register_hook(overflow_once)
+    start = _trainable(model)
+    cfg = LoopConfig(steps=1, batch_size=4, precision="fp16", progress=False)
+    train(model, instruct_examples(8), collator(), cfg, tmp_path / "a", lr=1e-2)
+    assert dtypes and dtypes[0] == torch.float16  # autocast ran the matmuls in fp16 on CPU
+    for n, p in _trainable(model).items():
+        assert torch.equal(p, start[n]), n  # step skipped, no inf/NaN written into the weights
+    state = json.loads((latest_checkpoint(tmp_path / "a") / "state.json").read_text())
+    assert state["scaler"]["scale"] == 2.0 ** 15  # halved from 2**16 after the overflow
+    cfg = LoopConfig(steps=3, batch_size=4, precision="fp16", progress=False)
+    train(model, instruct_examples(8), collator(), cfg, tmp_path / "b", lr=1e-2)
+    after = _trainable(model)
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert any(not torch.equal(after[n], start[n]) for n in start)
+
+
+def test_bf16_autocast_trains(tmp_path):
+    model = toy_classifier()
+    r = train(model, classify_examples(16), collator(),
+              LoopConfig(steps=2, batch_size=4, precision="bf16", progress=False), tmp_path, lr=1e-2)
+    assert r.steps == 2 and all(p.dtype == torch.float32 for p in _trainable(model).values())
+
+
+class _NanAfter(torch.nn.Module):
+    def __init__(self, inner, after: int):
+        super().__init__()
+        self.inner, self.after, self.calls = inner, after, 0
+
+    def forward(self, **batch):
+        out = self.inner(**batch)
+        self.calls += 1
+        if self.calls > self.after:
+            out.loss = out.loss * float("nan")
+        return out
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = _NanAfter(toy_causal(), after=2)
+    cfg = LoopConfig(steps=5, batch_size=4, save_every=1, progress=False)
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 3 .*step-00000002"):
+        train(model, instruct_examples(16), collator(), cfg, tmp_path, lr=1e-2)
+    last = latest_checkpoint(tmp_path)
+    assert last.name == "step-00000002"
+    saved = load_file(last / "trainable.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert not (tmp_path / "checkpoints" / "step-00000003").exists()
+
+
+def test_checkpoint_round_trip_restores_optimizer_and_rng(tmp_path):
+    model = toy_causal()
+    train(model, instruct_examples(16), collator(), LoopConfig(steps=2, batch_size=4, progress=False),
+          tmp_path, lr=1e-2)
+    expected_rng = torch.get_rng_state()
+    other = toy_causal()
+    opt = torch.optim.AdamW([p for p in other.parameters() if p.requires_grad], lr=1.0)
+    torch.manual_seed(123)
+    state = load_checkpoint(latest_checkpoint(tmp_path), other, opt)
+    assert state["step"] == 2 and state["loop"]["batch_size"] == 4
+    for n, p in _trainable(model).items():
+        assert torch.equal(dict(other.named_parameters())[n], p)
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-3)  # the last update's lr (linear decay)
+    assert all(int(s["step"]) == 2 for s in opt.state.values()) and len(opt.state) == 2
+    assert torch.equal(torch.get_rng_state(), expected_rng)
+
+
+def test_bad_loop_inputs(tmp_path):
+    with pytest.raises(ValueError, match="lr=0.0; expected a positive"):
+        train(toy_causal(), instruct_examples(8), collator(), LoopConfig(steps=1, progress=False), tmp_path, lr=0.0)
+    with pytest.raises(ValueError, match="batch_size=16 exceeds the 8 examples"):
+        train(toy_causal(), instruct_examples(8), collator(), LoopConfig(steps=1, progress=False), tmp_path, lr=1e-3)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(toy_causal(), instruct_examples(8), collator(), LoopConfig(steps=1, batch_size=2, progress=False),
+              tmp_path / "fresh", lr=1e-3, resume=True)
+    with pytest.raises(ValueError, match="steps=0; expected an integer > 0"):
+        LoopConfig(steps=0)
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        LoopConfig(precision="fp8")
