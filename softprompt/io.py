@@ -39,8 +39,7 @@ def adapter_state_dict(pm: PromptModel) -> dict[str, torch.Tensor]:
     """Every tensor ``save_prompt`` writes, detached, fp32 where trained, on CPU."""
     was_training = pm.prompt_encoder.training
     pm.prompt_encoder.eval()  # the saved prompt never carries a dropout mask
-    with torch.no_grad():
-        prompt = pm.prompt()
+    prompt = pm.prompt()  # grad mode left on: CPU LSTM kernels differ in the last bit under no_grad
     pm.prompt_encoder.train(was_training)
     state = {"prompt_embeddings": prompt.detach().to("cpu", torch.float32).contiguous()}
     if pm.config.method == "ptuning":
