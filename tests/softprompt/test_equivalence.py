@@ -17,7 +17,7 @@ METHODS = {
     "prompt_random": PromptConfig(method="prompt", n_virtual=5),
     "prompt_text": PromptConfig(method="prompt", n_virtual=N_TEXT, init="text", init_text=INIT_TEXT),
     "prompt_text_repeat": PromptConfig(method="prompt", n_virtual=N_TEXT + 3, init="text", init_text=INIT_TEXT),
-    "prompt_text_cut": PromptConfig(method="prompt", n_virtual=3, init="text", init_text=INIT_TEXT,
+    "prompt_text_cut": PromptConfig(method="prompt", n_virtual=2, init="text", init_text=INIT_TEXT,
                                     truncate_init_text=True),
     "prompt_vocab": PromptConfig(method="prompt", n_virtual=5, init="vocab"),
     "ptuning_mlp": PromptConfig(method="ptuning", n_virtual=5, encoder="mlp"),
