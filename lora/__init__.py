@@ -1,12 +1,18 @@
-"""lora: LoRA (rsLoRA, DoRA) for Hugging Face models in pure PyTorch, by module surgery."""
+"""lora: LoRA (rsLoRA, DoRA) and QLoRA's NF4 base for Hugging Face models, in pure PyTorch."""
 from .config import LoRAConfig
 from .heads import TrainedCopy
 from .inject import add_lora, lora_parameters, merge_lora, remove_lora, unmerge_lora
+from .io import load_lora, lora_state_dict, save_lora
 from .layer import LoRALinear
+from .nf4 import dequantize_nf4, quantize_nf4
+from .nf4_linear import NF4Linear
+from .quantize import dequantize_model, quantize_model
 from .summary import trainable_summary
 from .targets import DEFAULT_TARGETS, LINEAR_TYPES
 
 __all__ = [
     "LoRAConfig", "LoRALinear", "TrainedCopy", "add_lora", "remove_lora", "merge_lora", "unmerge_lora",
-    "lora_parameters", "trainable_summary", "DEFAULT_TARGETS", "LINEAR_TYPES",
+    "lora_parameters", "lora_state_dict", "save_lora", "load_lora", "trainable_summary",
+    "DEFAULT_TARGETS", "LINEAR_TYPES",
+    "NF4Linear", "quantize_nf4", "dequantize_nf4", "quantize_model", "dequantize_model",
 ]

@@ -78,6 +78,7 @@ class LoRALinear(nn.Module):
         self.base_layer = base
         self.in_features, self.out_features = in_f, out_f
         self.fan_in_fan_out = isinstance(base, Conv1D)
+        # whether the base is quantized (has `dequantize`); whoever swaps `base_layer` updates it
         self.quantized = _is_quantized(base)
         self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, use_rslora, use_dora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r

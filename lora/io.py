@@ -1,0 +1,210 @@
+"""Adapter folders: ``adapter_model.safetensors`` + ``adapter_config.json`` in peft's LoRA format.
+
+Keys are ``base_model.model.<key of adapter_tensors>``, e.g.
+``base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`` [r, in]. Only safetensors and
+JSON are read or written (no pickle); every file is written to a temp file then renamed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Union
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ALL_LINEAR, LoRAConfig
+from .inject import _wrappers, adapter_tensors, add_lora, lora_state, remove_lora
+from .layer import LoRALinear
+from .targets import DEFAULT_TARGETS, resolve_heads
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+PREFIX = "base_model.model."
+PEFT_VERSION = "0.21.2"  # the peft release whose format this writes
+
+# peft config keys with behaviour this package does not implement, and their neutral values
+_UNSUPPORTED = {
+    "rank_pattern": ({}, None), "alpha_pattern": ({}, None), "layers_to_transform": (None,),
+    "exclude_modules": (None, [], ""), "lora_bias": (False, None), "layer_replication": (None,),
+    "target_parameters": (None, []), "trainable_token_indices": (None,), "use_qalora": (False, None),
+    "use_bdlora": (None, False), "alora_invocation_tokens": (None,), "arrow_config": (None,),
+    "velora_config": (None,), "monteclora_config": (None,), "kasa_config": (None,),
+}
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors (detached), keyed like peft's file without ``base_model.model.``."""
+    return {k: p.detach() for k, p in adapter_tensors(model).items()}
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _task_type(model: nn.Module) -> Union[str, None]:
+    name = type(model).__name__
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "CAUSAL_LM"
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    return None
+
+
+def peft_config_dict(model: nn.Module) -> dict[str, Any]:
+    """The ``adapter_config.json`` content peft 0.21.2 reads for this model's adapter."""
+    config = lora_state(model).config
+    targets: Any = config.target_modules
+    if targets is None:
+        targets = list(DEFAULT_TARGETS[model.config.model_type])
+    elif targets == ALL_LINEAR:  # like peft: the resolved full names
+        targets = sorted(n for n, m in _wrappers(model) if isinstance(m, LoRALinear))
+    elif not isinstance(targets, str):
+        targets = list(targets)
+    fan_in_fan_out = any(m.fan_in_fan_out for _, m in _wrappers(model) if isinstance(m, LoRALinear))
+    return {
+        "peft_type": "LORA", "peft_version": PEFT_VERSION, "task_type": _task_type(model),
+        "base_model_name_or_path": getattr(model, "name_or_path", None) or None, "revision": None,
+        "inference_mode": True, "auto_mapping": None,
+        "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+        "target_modules": targets, "use_rslora": config.use_rslora, "use_dora": config.use_dora,
+        "bias": config.bias, "modules_to_save": list(config.modules_to_save) or None,
+        "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True, "lora_bias": False,
+        "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "layer_replication": None, "target_parameters": None,
+        "trainable_token_indices": None, "use_qalora": False, "loftq_config": {},
+    }
+
+
+def save_lora(model: nn.Module, folder: Union[str, os.PathLike]) -> Path:
+    """Write the adapter as a folder that ``peft.PeftModel.from_pretrained`` loads.
+
+    Args:
+        model: a model with LoRA (see ``add_lora``).
+        folder: created if missing; existing adapter files in it are replaced atomically.
+
+    Returns:
+        The folder path.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {PREFIX + k: v.to("cpu").clone().contiguous() for k, v in lora_state_dict(model).items()}
+    text = json.dumps(peft_config_dict(model), indent=2, sort_keys=True) + "\n"
+    _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    return folder
+
+
+def config_from_peft(raw: dict[str, Any], where: str = "adapter_config.json") -> LoRAConfig:
+    """A LoRAConfig from peft's LoRA config dict; rejects other methods and unsupported options."""
+    kind = raw.get("peft_type")
+    if kind != "LORA":
+        raise ValueError(f"{where}: peft_type={kind!r}, this folder is not a LoRA adapter "
+                         f"(expected peft_type 'LORA')")
+    for key, neutral in _UNSUPPORTED.items():
+        if raw.get(key) not in neutral:
+            raise ValueError(f"{where}: {key}={raw[key]!r} is not supported by lora (expected one of {neutral})")
+    return LoRAConfig(r=raw.get("r", 8), alpha=raw.get("lora_alpha", 8), dropout=raw.get("lora_dropout", 0.0),
+                      target_modules=raw.get("target_modules"), use_rslora=bool(raw.get("use_rslora", False)),
+                      use_dora=bool(raw.get("use_dora", False)), bias=raw.get("bias", "none"),
+                      modules_to_save=tuple(raw.get("modules_to_save") or ()))
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter folder {folder} has no {CONFIG_NAME}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter folder {folder} has no {WEIGHTS_NAME}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+
+
+def read_adapter(folder: Union[str, os.PathLike]) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+    """(config, tensors) of a LoRA adapter folder (ours or peft's), with clear errors for missing
+    or corrupt files, other methods and unsupported options. The config is checked first."""
+    folder = Path(folder)
+    config = config_from_peft(_read_config(folder), where=str(folder / CONFIG_NAME))
+    return config, _read_tensors(folder)
+
+
+def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: str = "adapter") -> None:
+    """Copy peft-keyed tensors into a model with LoRA; names every missing/unexpected key and every
+    shape mismatch and changes nothing when there is any."""
+    own = adapter_tensors(model)
+    given: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        key = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if key.endswith(".lora_magnitude_vector.weight"):  # older peft DoRA key
+            key = key[: -len(".weight")]
+        given[key] = value
+    missing = sorted(set(own) - set(given))
+    unexpected = sorted(set(given) - set(own))
+    shapes = [f"{k}: file {tuple(given[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(given)) if given[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{where} does not fit the model: missing keys {missing}; unexpected keys {unexpected}; "
+                         f"shape mismatches {shapes}")
+    with torch.no_grad():
+        for key, param in own.items():
+            param.copy_(given[key])
+
+
+def load_lora(model: nn.Module, folder: Union[str, os.PathLike]) -> nn.Module:
+    """Load an adapter folder (ours or peft's) into ``model``.
+
+    On a plain base model the folder's config is applied with ``add_lora`` first; on a model
+    that already has LoRA only the weights are loaded. On any error the model is left unchanged.
+
+    Returns:
+        The same ``model`` object.
+
+    Raises:
+        FileNotFoundError, ValueError: missing files, a truncated/corrupt safetensors file, a
+            folder of another method, unsupported options, missing/unexpected keys or shapes.
+    """
+    config, tensors = read_adapter(folder)
+    if hasattr(model, "_lora_state"):
+        have = lora_state(model).config
+        diff = [f"{f}: model {getattr(have, f)!r} vs folder {getattr(config, f)!r}"
+                for f in ("r", "alpha", "use_rslora", "use_dora", "bias") if getattr(have, f) != getattr(config, f)]
+        if diff:
+            raise ValueError(f"{folder} holds a different LoRA setup than the model's adapter: {diff}")
+        load_adapter_weights(model, tensors, where=str(folder))
+        return model
+    # peft lists head names that may not exist in this model (e.g. "score" on BERT)
+    heads = tuple(e for e in config.modules_to_save if resolve_heads(model, (e,), strict=False))
+    config = dataclasses.replace(config, modules_to_save=heads)
+    add_lora(model, config)
+    try:
+        load_adapter_weights(model, tensors, where=str(folder))
+    except BaseException:
+        remove_lora(model)
+        raise
+    return model
