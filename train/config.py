@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 __all__ = ["METHODS", "PRECISIONS", "SCHEDULES", "ModelConfig", "DataConfig", "LoopConfig",
            "RunConfig", "default_lr"]
@@ -96,7 +97,7 @@ class LoopConfig:
     steps: int = 400                # optimizer steps
     batch_size: int = 16            # examples per micro-batch (per process under torchrun)
     grad_accum: int = 1             # micro-batches per optimizer step
-    lr: float = 0.0                 # peak learning rate; 0 means the method's default
+    lr: Optional[float] = None      # peak learning rate; None means the method's default
     weight_decay: float = 0.0       # AdamW decoupled weight decay
     warmup_steps: int = 0           # linear warm-up from 0 to lr over these steps
     schedule: str = "linear"        # linear | cosine | constant decay after warm-up
@@ -114,8 +115,8 @@ class LoopConfig:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value > 0, f"{name}={value!r}; expected an integer > 0")
-        _check(self.lr >= 0 and math.isfinite(self.lr),
-               f"lr={self.lr}; expected a positive learning rate (0 = method default)")
+        _check(self.lr is None or (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)),
+               f"lr={self.lr}; expected a positive finite learning rate (or None for the method's default)")
         _check(self.weight_decay >= 0, f"weight_decay={self.weight_decay}; expected >= 0")
         _check(0 <= self.warmup_steps <= self.steps,
                f"warmup_steps={self.warmup_steps}; expected in [0, steps={self.steps}]")

@@ -1,0 +1,185 @@
+"""``python -m train``: argparse flags generated from the config dataclasses.
+
+Sub-commands: ``train`` (one run), ``eval`` (score a run's adapter on the held-out split),
+``predict`` (classify texts, or generate answers for instructions, with a run's adapter) and
+``demo`` (every method on the bundled data, one table). Values come from, in rising priority:
+the dataclass defaults, a JSON file given with ``--config`` (``{"model": {...}, "data": {...},
+"loop": {...}}``), then the flags.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .config import DataConfig, LoopConfig, ModelConfig, RunConfig
+
+__all__ = ["main", "build_parser", "config_from_args"]
+
+_GROUPS = (("model", ModelConfig), ("data", DataConfig), ("loop", LoopConfig))
+_OPTIONAL_TYPES = {"lr": float}  # fields whose default is None: the flag's value type
+
+
+def _field_help(klass) -> dict[str, str]:
+    """Each field's trailing ``# comment`` in the class source becomes its --help text."""
+    helps = {}
+    for line in inspect.getsource(klass).splitlines():
+        m = re.match(r"\s+(\w+): [^#]*#\s*(.*)$", line)
+        if m:
+            helps[m.group(1)] = m.group(2).replace("%", "%%")
+    return helps
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for group_name, klass in _GROUPS:
+        group = parser.add_argument_group(f"{group_name} ({klass.__name__})")
+        helps = _field_help(klass)
+        for f in dataclasses.fields(klass):
+            flag = "--" + f.name.replace("_", "-")
+            default = klass.__dataclass_fields__[f.name].default
+            text = f"{helps.get(f.name, '')} (default: {default!r})"
+            if isinstance(default, bool):
+                group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+            elif isinstance(default, tuple):
+                group.add_argument(flag, dest=f.name, nargs="*", default=None, metavar="NAME", help=text)
+            else:
+                kind = _OPTIONAL_TYPES[f.name] if default is None else type(default)
+                group.add_argument(flag, dest=f.name, type=kind, default=None, help=text)
+    parser.add_argument("--config", type=Path, help="JSON file with model/data/loop sections")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Defaults < ``--config`` JSON < flags; raises ValueError naming a bad file, field or value."""
+    base: dict = {"model": {}, "data": {}, "loop": {}}
+    if getattr(args, "config", None) is not None:
+        if not args.config.is_file():
+            raise FileNotFoundError(f"--config {args.config}: no such file")
+        try:
+            loaded = json.loads(args.config.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config {args.config}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {args.config}: expected a JSON object with model/data/loop sections")
+        RunConfig.from_dict(loaded)  # names unknown sections and fields
+        for k, v in loaded.items():
+            base[k].update(v)
+    for group_name, klass in _GROUPS:
+        for f in dataclasses.fields(klass):
+            value = getattr(args, f.name, None)
+            if value is not None:
+                base[group_name][f.name] = tuple(value) if isinstance(value, list) else value
+    return RunConfig.from_dict(base)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train one adapter; writes a run folder")
+    _add_config_flags(p)
+    p.add_argument("--out", type=Path, help="run folder (default runs/<method>-<model>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p = sub.add_parser("eval", help="score a run's adapter on its held-out split")
+    p.add_argument("run", type=Path, help="a run folder written by `train`")
+    p = sub.add_parser("predict", help="classify texts / answer instructions with a run's adapter")
+    p.add_argument("run", type=Path, help="a run folder written by `train`")
+    p.add_argument("texts", nargs="+", help="texts (classifier) or instructions (causal LM)")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p = sub.add_parser("generate", help="alias of predict")
+    p.add_argument("run", type=Path)
+    p.add_argument("texts", nargs="+")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p = sub.add_parser("demo", help="every method on the bundled data; prints one table")
+    p.add_argument("--out", type=Path, default=None, help="demo folder (default runs/demo-<time>)")
+    p.add_argument("--full", action="store_true", help="the longer anchor budget (400 / 300 steps)")
+    p.add_argument("--only", nargs="*", default=None, help="subset of rows, e.g. head lora smollm2-lora")
+    return parser
+
+
+def _load_run(run_dir: Path):
+    from . import adapters
+    from .run import RUN_CONFIG, prepare
+    from .models import load_backbone
+    cfg_path = run_dir / RUN_CONFIG
+    if not cfg_path.is_file() or not (run_dir / "adapter").is_dir():
+        raise FileNotFoundError(f"{run_dir} is not a finished run folder (needs {RUN_CONFIG} and adapter/)")
+    raw = json.loads(cfg_path.read_text())
+    raw.pop("effective_lr", None)
+    cfg = RunConfig.from_dict(raw)
+    p = prepare(cfg)
+    backbone = load_backbone(p.folder, p.task, num_labels=cfg.data.num_labels)
+    model = adapters.load_adapted(backbone, cfg.model.method, run_dir / "adapter")
+    return cfg, p, model.eval()
+
+
+def _predict(args) -> None:
+    import torch
+    from .data import encode_instruction, format_prompt
+    cfg, p, model = _load_run(args.run)
+    with torch.no_grad():
+        for text in args.texts:
+            if p.task == "seq_cls":
+                enc = p.tokenizer(text, truncation=True, max_length=cfg.data.max_length, return_tensors="pt")
+                label = int(model(**enc).logits.argmax(-1))
+                word = cfg.data.label_words[label] if label < len(cfg.data.label_words) else str(label)
+                print(f"{word}\t{text}")
+                continue
+            rec = {"instruction": text, "input": "", "output": ""}
+            if p.answer_ids is not None:  # a labelled task: the text is the input to classify
+                rec = {"instruction": cfg.data.instruction, "input": text, "output": ""}
+            ids = encode_instruction(p.tokenizer, rec, cfg.data.max_length)["input_ids"]
+            prompt = torch.tensor([ids[:-1]])  # drop the eos of the empty answer
+            out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.max_new_tokens,
+                                 do_sample=False, pad_token_id=p.tokenizer.pad_token_id)
+            answer = p.tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
+            print(f"{format_prompt(rec['instruction'], rec['input'])}{answer}")
+
+
+def _quiet_transformers() -> None:
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_transformers()
+    try:
+        if args.command == "train":
+            from .run import prepare, run
+            cfg = config_from_args(args)
+            out = args.out or Path("runs") / f"{cfg.model.method}-{Path(cfg.model.model).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            if args.resume and args.out is None:
+                raise ValueError("--resume needs --out (the run folder to continue)")
+            summary = run(cfg, out, resume=args.resume, prepared=prepare(cfg))
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(json.dumps(summary, indent=2))
+                print(f"run folder: {out}")
+        elif args.command == "eval":
+            from .loop import resolve_device
+            from .run import score
+            cfg, p, model = _load_run(args.run)
+            device = resolve_device(cfg.loop.device)
+            print(json.dumps(score(model.to(device), p, device), indent=2))
+        elif args.command in ("predict", "generate"):
+            _predict(args)
+        elif args.command == "demo":
+            from .demo import run_demo
+            run_demo(out=args.out, full=args.full, only=args.only)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
