@@ -4,9 +4,10 @@ from .heads import TrainedCopy
 from .inject import add_lora, lora_parameters, merge_lora, remove_lora, unmerge_lora
 from .io import load_lora, lora_state_dict, save_lora
 from .layer import LoRALinear
-from .nf4 import dequantize_nf4, quantize_nf4
+from .nf4 import NF4State, dequantize_nf4, quantize_nf4
 from .nf4_linear import NF4Linear
-from .quantize import dequantize_model, quantize_model
+from .quantize import (QuantReport, dequantize_model, load_quantized, memory_report,
+                       quantize_model, save_quantized)
 from .summary import trainable_summary
 from .targets import DEFAULT_TARGETS, LINEAR_TYPES
 
@@ -15,4 +16,5 @@ __all__ = [
     "lora_parameters", "lora_state_dict", "save_lora", "load_lora", "trainable_summary",
     "DEFAULT_TARGETS", "LINEAR_TYPES",
     "NF4Linear", "quantize_nf4", "dequantize_nf4", "quantize_model", "dequantize_model",
+    "NF4State", "memory_report", "QuantReport", "save_quantized", "load_quantized",
 ]
