@@ -20,6 +20,7 @@ from torch import nn
 
 from .config import ALL_LINEAR, LoRAConfig
 from .inject import _wrappers, adapter_tensors, add_lora, lora_state, remove_lora
+from .heads import TrainedCopy
 from .layer import LoRALinear
 from .targets import DEFAULT_TARGETS, resolve_heads
 
@@ -164,6 +165,11 @@ def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], whe
         if key.endswith(".lora_magnitude_vector.weight"):  # older peft DoRA key
             key = key[: -len(".weight")]
         given[key] = value
+    # bias="all" makes peft also write its head wrapper's internals (<head>.modules_to_save.bias,
+    # <head>.original_module.bias); the trained copy's own keys (<head>.bias) are the ones that count
+    heads = [n for n, m in _wrappers(model) if isinstance(m, TrainedCopy)]
+    inner = tuple(f"{h}.{part}." for h in heads for part in ("modules_to_save", "original_module"))
+    given = {k: v for k, v in given.items() if not k.startswith(inner)}
     missing = sorted(set(own) - set(given))
     unexpected = sorted(set(given) - set(own))
     shapes = [f"{k}: file {tuple(given[k].shape)} vs model {tuple(own[k].shape)}"

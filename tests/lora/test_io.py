@@ -148,3 +148,25 @@ def test_load_into_model_with_lora_loads_weights_only(saved_llama) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="alpha: model 16 vs folder 8"):
         load_lora(add_lora(base_model("llama"), LoRAConfig(r=4, alpha=16)), saved_llama)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_folders_both_ways(bias: str, tmp_path) -> None:
+    """Trained biases are saved under peft's keys and load in both directions."""
+    ours, pm = build_pair("bert", our_config("bert", bias=bias))
+    randomize_both(ours, pm)
+    with torch.no_grad():
+        for (n, p), (_, q) in zip(ours.named_parameters(), pm.base_model.model.named_parameters()):
+            if n.endswith("bias") and p.requires_grad:  # make trained biases differ from the base
+                p.add_(0.5)
+                q.add_(0.5)
+    inputs = {k: v for k, v in batch("bert").items() if k != "labels"}
+    save_lora(ours, tmp_path / "ours")
+    pm.save_pretrained(tmp_path / "peft")
+    from peft import PeftModel
+    ref = PeftModel.from_pretrained(base_model("bert"), tmp_path / "ours")
+    mine = load_lora(base_model("bert"), tmp_path / "peft")
+    with torch.no_grad():
+        assert_close(ref(**inputs).logits, ours(**inputs).logits, **TOL)
+        assert_close(mine(**inputs).logits, pm(**inputs).logits, **TOL)
+        assert_close(mine(**inputs).logits, ours(**inputs).logits, **TOL)
