@@ -61,16 +61,19 @@ class PromptConfig:
         if self.init == "text" and not self.init_text:
             raise ValueError(f"init='text' needs a non-empty init_text, got {self.init_text!r}")
         if self.init != "text" and self.init_text is not None:
-            raise ValueError(f"init_text={self.init_text!r} is only used with init='text', got init={self.init!r}")
+            raise ValueError(f"init_text={self.init_text!r} is only used with init='text', "
+                             f"got init={self.init!r}")
         if self.init == "ids":
-            if not self.init_ids or any((not isinstance(i, int)) or i < 0 for i in self.init_ids):
-                raise ValueError(f"init='ids' needs a non-empty tuple of ids >= 0, got {self.init_ids!r}")
+            if not self.init_ids or any(not isinstance(i, int) or i < 0 for i in self.init_ids):
+                raise ValueError(f"init='ids' needs a non-empty tuple of ids >= 0, "
+                                 f"got {self.init_ids!r}")
             object.__setattr__(self, "init_ids", tuple(self.init_ids))
         elif self.init_ids is not None:
             raise ValueError(f"init_ids={self.init_ids!r} is only used with init='ids', got init={self.init!r}")
         if self.encoder not in ENCODERS:
             raise ValueError(f"encoder={self.encoder!r}; expected one of {ENCODERS}")
-        if self.encoder_hidden is not None and (not isinstance(self.encoder_hidden, int) or self.encoder_hidden <= 0):
+        hidden = self.encoder_hidden
+        if hidden is not None and (not isinstance(hidden, int) or hidden <= 0):
             raise ValueError(f"encoder_hidden={self.encoder_hidden!r}; expected None or a positive int")
         if not isinstance(self.encoder_num_layers, int) or self.encoder_num_layers < 1:
             raise ValueError(f"encoder_num_layers={self.encoder_num_layers!r}; expected an int >= 1")

@@ -15,7 +15,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -51,14 +51,16 @@ def adapter_state_dict(pm: PromptModel) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_prompt(pm: PromptModel, folder: Union[str, os.PathLike], tokenizer_name_or_path: str = None) -> None:
+def save_prompt(pm: PromptModel, folder: Union[str, os.PathLike],
+                tokenizer_name_or_path: Optional[str] = None) -> None:
     """Write the adapter folder (atomically, file by file).
 
     Args:
         pm: the model to save.
         folder: created if missing.
         tokenizer_name_or_path: written into peft's config for text inits (peft requires one
-            for ``prompt_tuning_init: TEXT``); without it a text init is recorded as RANDOM there
+            for ``prompt_tuning_init: TEXT``); default: the tokenizer given to PromptModel, if it
+            has a ``name_or_path``. Without one a text init is recorded as RANDOM there
             (peft never re-runs the init on load), while softprompt_config.json keeps the truth.
     """
     folder = Path(folder)
@@ -70,9 +72,10 @@ def save_prompt(pm: PromptModel, folder: Union[str, os.PathLike], tokenizer_name
     _write_json(folder / OUR_CONFIG, {"config": pm.config.to_dict(), "task": pm.task, "format_version": 1})
 
 
-def peft_config_dict(pm: PromptModel, tokenizer_name_or_path: str = None) -> dict[str, Any]:
+def peft_config_dict(pm: PromptModel, tokenizer_name_or_path: Optional[str] = None) -> dict[str, Any]:
     """peft 0.21.2's adapter_config.json fields for this model."""
     cfg, hf = pm.config, getattr(pm.backbone, "config", None)
+    tokenizer_name_or_path = tokenizer_name_or_path or pm.tokenizer_name_or_path
     out: dict[str, Any] = {
         "auto_mapping": None,
         "base_model_name_or_path": getattr(pm.backbone, "name_or_path", None) or None,
@@ -101,7 +104,7 @@ def peft_config_dict(pm: PromptModel, tokenizer_name_or_path: str = None) -> dic
     return out
 
 
-def load_prompt(backbone: nn.Module, folder: Union[str, os.PathLike], tokenizer: Any = None) -> PromptModel:
+def load_prompt(backbone: nn.Module, folder: Union[str, os.PathLike]) -> PromptModel:
     """Rebuild a PromptModel from a folder written by ``save_prompt`` or by peft.
 
     A peft-saved P-Tuning folder holds only the encoder output, so it loads as a fixed prompt
@@ -110,7 +113,6 @@ def load_prompt(backbone: nn.Module, folder: Union[str, os.PathLike], tokenizer:
     Args:
         backbone: a fresh backbone of the same architecture (it is frozen, never modified).
         folder: the adapter folder.
-        tokenizer: unused by loading (kept for symmetry with PromptModel).
     Returns:
         the PromptModel in eval mode; its adapter parameters still require grad.
     """
@@ -131,7 +133,8 @@ def load_prompt(backbone: nn.Module, folder: Union[str, os.PathLike], tokenizer:
     else:
         task = {v: k for k, v in TASK_TYPES.items()}.get(peft_cfg.get("task_type"))
         if task is None:
-            raise ValueError(f"task_type={peft_cfg.get('task_type')!r}; expected one of {list(TASK_TYPES.values())}")
+            raise ValueError(f"task_type={peft_cfg.get('task_type')!r}; "
+                             f"expected one of {list(TASK_TYPES.values())}")
         config = PromptConfig(method="prompt", n_virtual=int(peft_cfg["num_virtual_tokens"]))
     if config.method == "ptuning" and not has_encoder:
         raise ValueError(f"{folder}: softprompt_config.json says P-Tuning but no {ENCODER_PREFIX}* keys exist")
@@ -157,7 +160,8 @@ def _load_tensors(pm: PromptModel, state: dict[str, torch.Tensor]) -> None:
     else:
         targets.update({ENCODER_PREFIX + k: v for k, v in pm.prompt_encoder.state_dict(keep_vars=True).items()})
     if pm.head is not None:
-        targets.update({f"{HEAD_PREFIX}{pm.head_name}.{k}": v for k, v in pm.head.state_dict(keep_vars=True).items()})
+        head = pm.head.state_dict(keep_vars=True)
+        targets.update({f"{HEAD_PREFIX}{pm.head_name}.{k}": v for k, v in head.items()})
     optional = {"prompt_embeddings"} if pm.config.method == "ptuning" else set()
     missing = sorted(set(targets) - set(state))
     unexpected = sorted(set(state) - set(targets) - optional)

@@ -47,6 +47,8 @@ class PromptModel(nn.Module):
         self.backbone = backbone
         self.config = config
         self.task = task
+        # recorded for peft's adapter_config.json (peft wants a tokenizer path for text inits)
+        self.tokenizer_name_or_path: Optional[str] = getattr(tokenizer, "name_or_path", None) or None
         backbone.requires_grad_(False)
         embedding = backbone.get_input_embeddings()
         self.dim = int(embedding.weight.shape[1])

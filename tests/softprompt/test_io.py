@@ -6,13 +6,14 @@ import warnings
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from softprompt import PromptConfig, PromptModel, load_prompt, save_prompt
 from softprompt.io import adapter_state_dict
-from tests.models import tiny_causal_lm
-from tests.softprompt.pairs import batch, build_backbone, build_pair, causal_labels, peft
+from tests.models import tiny_causal_lm, tiny_tokenizer
+from tests.softprompt.pairs import INIT_TEXT, batch, build_backbone, build_pair, causal_labels, peft
 
 TOL = dict(atol=1e-6, rtol=1e-6)
 CASES = {
@@ -132,6 +133,22 @@ def test_peft_config_fields(tmp_path):
     assert cfg["num_virtual_tokens"] == 3 and cfg["token_dim"] == 16 and cfg["task_type"] == "CAUSAL_LM"
     loaded = peft.PeftConfig.from_pretrained(str(tmp_path))
     assert loaded.num_virtual_tokens == 3 and loaded.peft_type == peft.PeftType.P_TUNING
+
+
+def test_text_init_round_trips_through_peft(tmp_path):
+    """A text-initialised prompt records peft's TEXT init with the tokenizer's path; peft loads it."""
+    tiny_tokenizer().save_pretrained(str(tmp_path / "tok"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    cfg = PromptConfig(n_virtual=5, init="text", init_text=INIT_TEXT)
+    pm = PromptModel(tiny_causal_lm("llama"), cfg, tokenizer=tokenizer)
+    save_prompt(pm, tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["prompt_tuning_init"] == "TEXT" and saved["tokenizer_name_or_path"] == str(tmp_path / "tok")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = peft.PeftModel.from_pretrained(tiny_causal_lm("llama"), str(tmp_path / "adapter"))
+    assert_close(_logits(ref, "llama"), _logits(pm.eval(), "llama"), **TOL)
+    assert load_prompt(tiny_causal_lm("llama"), tmp_path / "adapter").config == cfg
 
 
 def test_load_refuses_wrong_hidden_size(tmp_path):
