@@ -7,6 +7,7 @@ before (zero-shot) and after training.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Sequence
 
@@ -67,18 +68,32 @@ def answer_accuracy(model: torch.nn.Module, examples: list[dict], answer_ids: Se
     model.eval()
     collate = PadCollator(pad_id=pad_id)
     choices = torch.tensor(list(answer_ids), device=device)
+    keep_ok = _accepts_logits_to_keep(model)
+    # prompts sorted by length: little padding, and only the last few positions need logits
+    order = sorted(examples, key=lambda e: e["prompt_len"])
     correct = 0
-    for chunk in _batches(examples, batch_size):
+    for chunk in _batches(order, batch_size):
         prompts = [{"input_ids": e["input_ids"][:e["prompt_len"]]} for e in chunk]
         batch = {k: v.to(device) for k, v in collate(prompts).items()}
-        logits = model(**batch).logits  # (B, P + T, V)
-        offset = logits.shape[1] - batch["input_ids"].shape[1]  # virtual tokens, if any
-        last = batch["attention_mask"].sum(1) - 1 + offset  # (B,)
+        width = batch["input_ids"].shape[1]
+        lengths = batch["attention_mask"].sum(1)  # (B,)
+        keep = int(width - lengths.min()) + 1  # right padding: every row's last real position
+        extra = {"logits_to_keep": keep} if keep_ok else {}
+        logits = model(**batch, **extra).logits  # (B, kept, V)
+        if keep_ok:  # the kept positions are the last `keep` of the input
+            last = lengths - 1 - (width - keep)  # (B,)
+        else:  # all positions, after any virtual tokens a prompt wrapper prepended
+            last = lengths - 1 + (logits.shape[1] - width)  # (B,)
         rows = logits[torch.arange(len(chunk), device=device), last]  # (B, V)
         pred = rows[:, choices].argmax(-1).cpu()  # (B,) index into answer_ids
         correct += sum(int(p) == e["label"] for p, e in zip(pred.tolist(), chunk))
     model.train(was_training)
     return {"accuracy": correct / len(examples)}
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    # transformers causal LMs can skip the (T, V) logits of positions nobody reads
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 @torch.no_grad()

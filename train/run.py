@@ -109,10 +109,9 @@ def score(model: torch.nn.Module, p: Prepared, device: torch.device) -> dict:
     pad = p.tokenizer.pad_token_id
     if p.task == "seq_cls":
         return classify_accuracy(model, p.held, pad, device)
-    out = eval_loss(model, p.held, pad, device)
-    if p.answer_ids is not None:
-        out.update(answer_accuracy(model, p.held, p.answer_ids, pad, device))
-    return out
+    if p.answer_ids is not None:  # labelled: accuracy of the answer word (one position per prompt)
+        return answer_accuracy(model, p.held, p.answer_ids, pad, device)
+    return eval_loss(model, p.held, pad, device)
 
 
 def run(cfg: RunConfig, run_dir: Path, resume: bool = False, prepared: Optional[Prepared] = None) -> dict:
