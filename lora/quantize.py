@@ -13,18 +13,53 @@ stays near the quantized size plus one dense layer.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import struct
 import tempfile
 from typing import Optional, Sequence
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .nf4_linear import NF4Linear, quant_state_from_tensors
 
 _ADAPTER_CHILDREN = ("lora_A", "lora_B")  # LoRA's trainable linears are never quantized
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+              "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class _TensorFile:
+    """Reads single tensors of a safetensors file with plain file reads.
+
+    Unlike a memory map, nothing of the file stays resident after a tensor is read, so the
+    process holds only the tensors it keeps.
+    """
+
+    def __init__(self, path: str | os.PathLike, device: torch.device | str) -> None:
+        self.path, self.device = os.fspath(path), device
+        with open(self.path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        self.start = 8 + size
+        self.entries = header  # name -> {"dtype", "shape", "data_offsets": [begin, end]}
+
+    def keys(self) -> set[str]:
+        return set(self.entries)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        begin, end = entry["data_offsets"]
+        dtype = _ST_DTYPES[entry["dtype"]]
+        out = torch.empty(entry["shape"], dtype=dtype)
+        if end > begin:
+            with open(self.path, "rb") as f:
+                f.seek(self.start + begin)
+                f.readinto(out.view(-1).view(torch.uint8).numpy())  # straight into the tensor
+        return out.to(self.device)
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -61,12 +96,13 @@ def quantize_model(model: nn.Module, skip: Sequence[str] = ("lm_head",), blocksi
     Returns:
         The same model object.
     """
-    reader = safe_open(str(checkpoint), framework="pt", device=str(device)) if checkpoint else None
+    reader = _TensorFile(checkpoint, device) if checkpoint else None
     done: dict[int, NF4Linear] = {}  # id(linear) -> its replacement (shared modules stay shared)
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or _matches(name, skip):
-            continue
+    # names only: a list of modules would keep every dense weight alive until the end
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and not _matches(n, skip)]
+    for name in names:
         parent, attr = _parent(model, name)
+        module = getattr(parent, attr)
         if attr in _ADAPTER_CHILDREN and hasattr(parent, "base_layer"):
             continue
         if id(module) not in done:
@@ -79,11 +115,11 @@ def quantize_model(model: nn.Module, skip: Sequence[str] = ("lm_head",), blocksi
     if reader is not None:  # everything that stayed dense
         for name, module in model.named_modules():
             if not isinstance(module, NF4Linear):
-                _load_params(module, name, reader, recurse=False)
+                _load_params(module, name, reader)
     return model
 
 
-def _load_params(module: nn.Module, name: str, reader, recurse: bool = False) -> None:
+def _load_params(module: nn.Module, name: str, reader: _TensorFile) -> None:
     """Materialize the module's own parameters and buffers from a safetensors reader."""
     keys = set(reader.keys())
     prefix = name + "." if name else ""
