@@ -34,7 +34,8 @@ def reference_decode(pm, input_ids, attention_mask, steps, eos=None, pad=0):
     ids, mask = input_ids, attention_mask
     done = torch.zeros(b, dtype=torch.bool)
     for _ in range(steps):
-        embeds = torch.cat([prompt.expand(b, n, -1), emb(ids)], dim=1)
+        tokens = emb(ids)
+        embeds = torch.cat([prompt.to(tokens.dtype).expand(b, n, -1), tokens], dim=1)
         full_mask = torch.cat([torch.ones(b, n, dtype=mask.dtype), mask], dim=1)
         logits = pm.backbone(inputs_embeds=embeds, attention_mask=full_mask, use_cache=False).logits
         nxt = logits[:, -1].float().argmax(-1)
