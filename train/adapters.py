@@ -54,6 +54,14 @@ def build_adapted(backbone: torch.nn.Module, cfg: ModelConfig, task: str, tokeni
     Returns:
         The model to train (forward(**batch) -> output with .loss/.logits).
     """
+    model = _build(backbone, cfg, task, tokenizer)
+    for p in model.parameters():  # adapters train in fp32 even on a 16-bit base (AMP keeps fp32 masters)
+        if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+    return model
+
+
+def _build(backbone: torch.nn.Module, cfg: ModelConfig, task: str, tokenizer) -> torch.nn.Module:
     method = cfg.method
     if method == "head":
         if task != "seq_cls":
@@ -75,7 +83,8 @@ def build_adapted(backbone: torch.nn.Module, cfg: ModelConfig, task: str, tokeni
             if not qlora_available():
                 raise RuntimeError("method 'qlora' needs lora.quantize_model, which this install lacks")
             skip = heads if heads else ("lm_head",)
-            lora.quantize_model(backbone, skip=skip)
+            dtype = next(backbone.parameters()).dtype
+            lora.quantize_model(backbone, skip=skip, compute_dtype=None if dtype == torch.float32 else dtype)
         lcfg = lora.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                target_modules=cfg.target_modules or None, modules_to_save=heads)
         return lora.add_lora(backbone, lcfg)
@@ -137,7 +146,9 @@ def load_adapted(backbone: torch.nn.Module, method: str, folder: Path) -> torch.
         if method == "qlora":
             raw = json.loads((folder / "adapter_config.json").read_text())
             heads = tuple(h for h in (raw.get("modules_to_save") or []) if hasattr(backbone, h))
-            lora.quantize_model(backbone, skip=heads or ("lm_head",))
+            dtype = next(backbone.parameters()).dtype
+            lora.quantize_model(backbone, skip=heads or ("lm_head",),
+                                compute_dtype=None if dtype == torch.float32 else dtype)
         return lora.load_lora(backbone, folder)
     raise ValueError(f"method={method!r}; expected prompt, ptuning, lora, qlora or head")
 

@@ -114,7 +114,10 @@ def _load_run(run_dir: Path):
     raw.pop("effective_lr", None)
     cfg = RunConfig.from_dict(raw)
     p = prepare(cfg)
-    backbone = load_backbone(p.folder, p.task, num_labels=cfg.data.num_labels)
+    from .loop import resolve_device
+    from .run import BASE_DTYPES
+    backbone = load_backbone(p.folder, p.task, num_labels=cfg.data.num_labels, dtype=BASE_DTYPES[cfg.model.base_dtype])
+    backbone.to(resolve_device(cfg.loop.device))
     model = adapters.load_adapted(backbone, cfg.model.method, run_dir / "adapter")
     return cfg, p, model.eval()
 
@@ -123,10 +126,11 @@ def _predict(args) -> None:
     import torch
     from .data import encode_instruction, format_prompt
     cfg, p, model = _load_run(args.run)
+    device = next(model.parameters()).device
     with torch.no_grad():
         for text in args.texts:
             if p.task == "seq_cls":
-                enc = p.tokenizer(text, truncation=True, max_length=cfg.data.max_length, return_tensors="pt")
+                enc = p.tokenizer(text, truncation=True, max_length=cfg.data.max_length, return_tensors="pt").to(device)
                 label = int(model(**enc).logits.argmax(-1))
                 word = cfg.data.label_words[label] if label < len(cfg.data.label_words) else str(label)
                 print(f"{word}\t{text}")
@@ -135,7 +139,7 @@ def _predict(args) -> None:
             if p.answer_ids is not None:  # a labelled task: the text is the input to classify
                 rec = {"instruction": cfg.data.instruction, "input": text, "output": ""}
             ids = encode_instruction(p.tokenizer, rec, cfg.data.max_length)["input_ids"]
-            prompt = torch.tensor([ids[:-1]])  # drop the eos of the empty answer
+            prompt = torch.tensor([ids[:-1]], device=device)  # drop the eos of the empty answer
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.max_new_tokens,
                                  do_sample=False, pad_token_id=p.tokenizer.pad_token_id)
             answer = p.tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
@@ -169,7 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .run import score
             cfg, p, model = _load_run(args.run)
             device = resolve_device(cfg.loop.device)
-            print(json.dumps(score(model.to(device), p, device), indent=2))
+            print(json.dumps(score(model, p, device), indent=2))
         elif args.command in ("predict", "generate"):
             _predict(args)
         elif args.command == "demo":

@@ -38,6 +38,7 @@ def _check(ok: bool, msg: str) -> None:
 class ModelConfig:
     method: str = "lora"            # prompt | ptuning | lora | qlora | head (classifier head only)
     model: str = "minilm"           # bundled name (minilm, smollm2) or a local Hugging Face folder
+    base_dtype: str = "fp32"        # dtype of the frozen base weights: fp32 | bf16 | fp16 (adapters stay fp32)
     n_virtual: int = 20             # prompt / ptuning: number of virtual tokens
     prompt_init: str = "random"     # prompt: random | text | vocab
     prompt_init_text: str = ""      # prompt with prompt_init=text: the text whose embeddings seed the table
@@ -51,6 +52,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"method={self.method!r}; expected one of {METHODS}")
         _check(bool(self.model), "model is empty; expected a bundled name or a folder")
+        _check(self.base_dtype in PRECISIONS, f"base_dtype={self.base_dtype!r}; expected one of {PRECISIONS}")
         _check(self.n_virtual > 0, f"n_virtual={self.n_virtual}; expected > 0")
         _check(self.prompt_init in ("random", "text", "vocab"),
                f"prompt_init={self.prompt_init!r}; expected random, text or vocab")

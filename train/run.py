@@ -97,10 +97,19 @@ def prepare(cfg: RunConfig) -> Prepared:
                     train=enc_train, held=enc_held, answer_ids=answer_ids)
 
 
-def build_model(p: Prepared) -> torch.nn.Module:
-    """The backbone (seeded, so a new classifier head is the same each run) with its adapter."""
+BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_model(p: Prepared, device: Optional[torch.device] = None) -> torch.nn.Module:
+    """The backbone (seeded, so a new classifier head is the same each run) with its adapter.
+
+    The backbone moves to ``device`` before the adapter is built, so QLoRA quantizes there.
+    """
     torch.manual_seed(p.cfg.loop.seed)
-    backbone = load_backbone(p.folder, p.task, num_labels=p.cfg.data.num_labels)
+    backbone = load_backbone(p.folder, p.task, num_labels=p.cfg.data.num_labels,
+                             dtype=BASE_DTYPES[p.cfg.model.base_dtype])
+    if device is not None:
+        backbone.to(device)
     return adapters.build_adapted(backbone, p.cfg.model, p.task, p.tokenizer)
 
 
@@ -125,9 +134,8 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, prepared: Optional[
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
     if main and run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise FileExistsError(f"run folder {run_dir} is not empty; pick another --out or pass --resume")
-    model = build_model(p)
     device = resolve_device(cfg.loop.device)
-    model.to(device)
+    model = build_model(p, device)
     before = score(model, p, device) if not resume else {}
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
