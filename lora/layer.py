@@ -146,7 +146,8 @@ class LoRALinear(nn.Module):
     def _dora_extra(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """(m/n - 1) * x W^T + (m/n) * s * B(A(x)); x: (..., in), result: base(x) (..., out)."""
         w = self.base_weight(x.dtype)                                       # [out, in]
-        lora_w = (self.lora_B.weight @ self.lora_A.weight).detach().to(x.dtype)  # [out, in]
+        # B @ A as B(A^T)^T: the same matmul (A^T [in, r] through lora_B) the reference runs
+        lora_w = self.lora_B(self.lora_A.weight.t().contiguous()).t().detach().to(x.dtype)  # [out, in]
         norm = torch.linalg.norm(w + self.scaling * lora_w, dim=1).to(w.dtype).detach()  # (out,)
         scale = (self.lora_magnitude_vector / norm).view(1, -1)            # (1, out)
         if self.training and isinstance(self.lora_dropout, nn.Dropout):
