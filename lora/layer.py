@@ -31,7 +31,10 @@ def _features(base: nn.Module) -> tuple[int, int]:
 
 
 def _is_quantized(base: nn.Module) -> bool:
-    return callable(getattr(base, "dequantize", None))
+    """A base with ``dequantize``, or whose weight is not floating point (packed codes)."""
+    weight = getattr(base, "weight", None)
+    packed = isinstance(weight, torch.Tensor) and not weight.dtype.is_floating_point
+    return callable(getattr(base, "dequantize", None)) or packed
 
 
 def _adapter_place(base: nn.Module) -> tuple[Optional[torch.device], Optional[torch.dtype]]:
@@ -117,6 +120,9 @@ class LoRALinear(nn.Module):
     def base_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The base weight as [out, in] in ``dtype`` (dequantized for a quantized base)."""
         if self.quantized:
+            if not callable(getattr(self.base_layer, "dequantize", None)):
+                raise TypeError(f"{type(self.base_layer).__name__} holds a packed weight but has no "
+                                f"dequantize(dtype) method, which DoRA and merging need")
             return self.base_layer.dequantize(dtype=torch.float32).to(dtype)
         w = self.base_layer.weight
         return (w.t() if self.fan_in_fan_out else w).to(dtype)

@@ -117,3 +117,25 @@ def test_quantized_base_rules(monkeypatch) -> None:
     dora = LoRALinear(model[0], r=4, alpha=8, use_dora=True)
     w = model[0].dequantize(torch.float32)
     assert_close(dora.lora_magnitude_vector, torch.linalg.norm(w, dim=1).bfloat16().float(), atol=0, rtol=0)
+
+
+class PackedNoDequant(nn.Module):
+    """A base whose weight is packed uint8 codes and that cannot dequantize."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_features, self.out_features = 8, 4
+        self.register_buffer("weight", torch.zeros(16, 1, dtype=torch.uint8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., :4].bfloat16()
+
+
+def test_packed_base_without_dequantize() -> None:
+    """Such a base is treated as quantized (cast rule, no merge) and DoRA says what it lacks."""
+    layer = LoRALinear(PackedNoDequant(), r=2)
+    assert layer.quantized
+    with pytest.raises(RuntimeError, match="dequantize_model"):
+        layer.merge()
+    with pytest.raises(TypeError, match="no dequantize"):
+        LoRALinear(PackedNoDequant(), r=2, use_dora=True)
