@@ -6,6 +6,7 @@ belongs to the adapter; it decides both what trains (``lora_parameters``) and wh
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -17,6 +18,7 @@ from .layer import LoRALinear
 from .targets import resolve_heads, resolve_targets
 
 _STATE = "_lora_state"  # attribute set on the model by add_lora
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -117,6 +119,9 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         wrapper = LoRALinear(base, config.r, config.alpha, config.dropout, config.use_rslora, config.use_dora)
         wrappers[name] = wrapper.train(base.training)
     copies = {name: TrainedCopy(model.get_submodule(name)) for name in heads}
+    if type(model).__name__.endswith("ForSequenceClassification") and not heads:
+        logger.warning("%s: the classification head stays frozen (and random if new); pass "
+                       "modules_to_save=('classifier',) or ('score',) to train it", type(model).__name__)
     # ---- mutation starts here
     for p in model.parameters():
         p.requires_grad_(False)
@@ -152,7 +157,10 @@ def remove_lora(model: nn.Module, merge: bool = False) -> nn.Module:
                 m._check_mergeable()
     for name, m in found:
         if isinstance(m, LoRALinear):
-            m.merge() if merge else m.unmerge()
+            if merge:
+                m.merge()
+            else:
+                m.unmerge()  # back to the exact base weights the model had (up to fp32 rounding)
             _set_submodule(model, name, m.base_layer)
         else:
             _set_submodule(model, name, m.trained if merge else m.original)
