@@ -215,7 +215,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     absmax = torch.empty(nblocks, dtype=torch.float32, device=weight.device)
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=weight.device)
     # chunks of whole blocks keep the fp32 temporaries small and in cache: [rows, blocksize]
-    step = max(1, (1 << 18) // blocksize) * blocksize
+    step = max(1, (1 << 18) // blocksize) * blocksize if weight.device.type == "cpu" else max(n, 1)
     for start in range(0, n, step):
         stop = min(start + step, n)
         codes = _quantize_span(flat[start:stop], blocksize, mids, absmax[start // blocksize:],
@@ -286,7 +286,9 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State,
     out = torch.empty(nblocks * bs, dtype=dtype, device=data.device)  # padded to whole blocks
     lut = _pair_lut_cpu(state.quant_type).to(data.device)
     nbytes = data.numel()
-    chunk = _CHUNK_BYTES if data.numel() > _CHUNK_BYTES else nblocks * bs // 2
+    # CPU: L2-sized chunks; CUDA: one pass (kernel launches, not caches, are the cost there)
+    one_pass = data.device.type != "cpu" or nblocks * bs // 2 <= _CHUNK_BYTES
+    chunk = nblocks * bs // 2 if one_pass else _CHUNK_BYTES
     idx = torch.empty(chunk, dtype=torch.int32, device=data.device)
     buf = torch.empty(chunk, dtype=torch.float64, device=data.device)  # pairs of fp32 codes
     for start in range(0, nblocks * bs // 2, chunk):  # chunk is a multiple of bs // 2
