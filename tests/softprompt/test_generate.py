@@ -32,18 +32,18 @@ def reference_decode(pm, input_ids, attention_mask, steps, eos=None, pad=0):
     prompt = pm.prompt()  # (n, d)
     b, n = input_ids.shape[0], prompt.shape[0]
     ids, mask = input_ids, attention_mask
-    done = torch.zeros(b, dtype=torch.bool)
+    done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
     for _ in range(steps):
         tokens = emb(ids)
         embeds = torch.cat([prompt.to(tokens.dtype).expand(b, n, -1), tokens], dim=1)
-        full_mask = torch.cat([torch.ones(b, n, dtype=mask.dtype), mask], dim=1)
+        full_mask = torch.cat([mask.new_ones(b, n), mask], dim=1)
         logits = pm.backbone(inputs_embeds=embeds, attention_mask=full_mask, use_cache=False).logits
         nxt = logits[:, -1].float().argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         if eos is not None:
             done = done | (nxt == eos)
         ids = torch.cat([ids, nxt[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones(b, 1, dtype=mask.dtype)], dim=1)
+        mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
         if eos is not None and bool(done.all()):
             break
     return ids
