@@ -71,7 +71,7 @@ def randomize_both(ours, pm, seed: int = 2) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for key in sorted(mine):
-            value = torch.randn(mine[key].shape, generator=g) * 0.2
+            value = torch.randn(mine[key].shape, generator=g).to(mine[key].device) * 0.2
             if key.endswith("lora_magnitude_vector"):
                 value = mine[key] * (1 + value)
             mine[key].copy_(value)
