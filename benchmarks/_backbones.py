@@ -97,7 +97,7 @@ def load(name: str, batch: int | None = None, seq: int | None = None,
                     batch or b, seq or s, list(spec["targets"]), spec["skip"])
 
 
-def make_batch(bb: Backbone, seed: int = 0) -> dict:
+def make_batch(bb: Backbone, seed: int = 0, device: str | torch.device = "cpu") -> dict:
     """A fixed random batch: ids (B, T), mask ones (B, T), labels (B,) or (B, T)."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, bb.vocab, (bb.batch, bb.seq), generator=gen)
@@ -106,19 +106,20 @@ def make_batch(bb: Backbone, seed: int = 0) -> dict:
         batch["labels"] = torch.randint(0, 2, (bb.batch,), generator=gen)
     else:
         batch["labels"] = ids.clone()
-    return batch
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 # ------------------------------------------------------------------------------ adapters: ours
-def ours(bb: Backbone, method: str, n_virtual: int = 20, r: int = 8) -> torch.nn.Module:
-    """Our adapter of `method` on a fresh copy of the backbone."""
+def ours(bb: Backbone, method: str, n_virtual: int = 20, r: int = 8,
+         device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Our adapter of `method` on a fresh copy of the backbone, moved to `device`."""
     model = bb.fresh()
     if method in PROMPT_METHODS:
         from softprompt import PromptConfig, PromptModel
         kind, _, enc = method.partition("-")
         cfg = (PromptConfig(method="prompt", n_virtual=n_virtual) if kind == "prompt" else
                PromptConfig(method="ptuning", n_virtual=n_virtual, encoder=enc))
-        return PromptModel(model, cfg, task=bb.task)
+        return PromptModel(model, cfg, task=bb.task).to(device)
     from lora import LoRAConfig, add_lora
     if method == "qlora":
         from lora import quantize_model
@@ -126,11 +127,12 @@ def ours(bb: Backbone, method: str, n_virtual: int = 20, r: int = 8) -> torch.nn
                        compute_dtype=torch.float32)
     cfg = LoRAConfig(r=r, alpha=2 * r, dropout=0.0, target_modules=bb.targets,
                      use_dora=method == "dora")
-    return add_lora(model, cfg)
+    return add_lora(model, cfg).to(device)
 
 
 # ------------------------------------------------------------------------------ adapters: peft
-def bnb_quantize(model: torch.nn.Module, skip: tuple) -> torch.nn.Module:
+def bnb_quantize(model: torch.nn.Module, skip: tuple,
+                 device: str | torch.device = "cpu") -> torch.nn.Module:
     """Swap every nn.Linear (except `skip` names) for a bitsandbytes NF4 Linear4bit, in place."""
     import bitsandbytes as bnb
     names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear
@@ -146,13 +148,14 @@ def bnb_quantize(model: torch.nn.Module, skip: tuple) -> torch.nn.Module:
                                      compress_statistics=True, quant_type="nf4", blocksize=64)
         if lin.bias is not None:
             q.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-        setattr(parent, child, q.to("cpu"))  # .to() of a fresh Params4bit quantizes it
+        setattr(parent, child, q.to(device))  # .to() of a fresh Params4bit quantizes it
     model.is_loaded_in_4bit = True  # how peft learns to dispatch its bnb LoRA layer
     return model
 
 
-def reference(bb: Backbone, method: str, n_virtual: int = 20, r: int = 8) -> torch.nn.Module:
-    """peft's adapter of `method` on a fresh copy of the backbone."""
+def reference(bb: Backbone, method: str, n_virtual: int = 20, r: int = 8,
+              device: str | torch.device = "cpu") -> torch.nn.Module:
+    """peft's adapter of `method` on a fresh copy of the backbone, moved to `device`."""
     import peft
     model = bb.fresh()
     task = peft.TaskType.SEQ_CLS if bb.task == "seq_cls" else peft.TaskType.CAUSAL_LM
@@ -166,12 +169,12 @@ def reference(bb: Backbone, method: str, n_virtual: int = 20, r: int = 8) -> tor
                                        encoder_hidden_size=model.config.hidden_size)
     else:
         if method == "qlora":
-            bnb_quantize(model, bb.skip)
+            bnb_quantize(model, bb.skip, device)
         # no task_type: a SEQ_CLS task would also train a copy of the head (modules_to_save),
         # which ours does not do by default
         cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                               target_modules=bb.targets, use_dora=method == "dora")
-    return peft.get_peft_model(model, cfg)
+    return peft.get_peft_model(model.to(device), cfg)
 
 
 def builders(bb: Backbone, method: str, **kw) -> dict[str, Callable[[], torch.nn.Module]]:

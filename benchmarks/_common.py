@@ -238,13 +238,14 @@ def bench_args(description: str, repeats: int, warmup: int = 1):
     """An argparse parser with the knobs every script shares.
 
     --quick: tiny models, few repeats (CI-sized; does not touch the docs unless --write);
-    --threads N; --repeats N; --warmup N; --no-write / --write.
+    --threads N; --device cpu|cuda; --repeats N; --warmup N; --no-write / --write.
     """
     import argparse
 
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="tiny models, few repeats (CI-sized)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores, <= 8)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument("--repeats", type=int, default=repeats, help="timed rounds per candidate")
     p.add_argument("--warmup", type=int, default=warmup, help="untimed rounds first")
     p.add_argument("--no-write", dest="write", action="store_false", default=None,

@@ -29,16 +29,17 @@ REPEATS = 7
 SECTION = "floor"
 
 
-def floor_step(bb: B.Backbone, batch: dict, amp) -> callable:
+def floor_step(bb: B.Backbone, batch: dict, amp, device: str = "cpu") -> callable:
     """Forward + backward of the frozen backbone to its input embeddings; no weight grads."""
-    model = bb.fresh().train()
+    model = bb.fresh().to(device).train()
     embed = model.get_input_embeddings()
     rest = {k: v for k, v in batch.items() if k != "input_ids"}
 
     def step() -> None:
         # (B, T, d) leaf that wants a gradient: backward walks the whole network down to it
         x = embed(batch["input_ids"]).detach().requires_grad_(True)
-        with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+        with torch.autocast(torch.device(device).type, dtype=amp or torch.bfloat16,
+                            enabled=amp is not None):
             loss = model(inputs_embeds=x, **rest).loss
         loss.backward()
 
@@ -56,15 +57,16 @@ def main() -> None:
     for name in names:
         bb = B.load(name)
         sources.append(f"{name}: {bb.source}, batch {bb.batch} x {bb.seq}")
-        batch = B.make_batch(bb)
+        dev = args.device
+        batch = B.make_batch(bb, device=dev)
         for prec, amp in PRECISIONS.items():
-            steps = {"floor": floor_step(bb, batch, amp)}
+            steps = {"floor": floor_step(bb, batch, amp, dev)}
             try:
-                steps["ours"] = B.train_step(B.ours(bb, "lora", r=RANK), batch, amp)
+                steps["ours"] = B.train_step(B.ours(bb, "lora", r=RANK, device=dev), batch, amp)
             except Exception as exc:
                 print(f"ours unavailable: {type(exc).__name__}: {exc}")
-            steps["peft"] = B.train_step(B.reference(bb, "lora", r=RANK), batch, amp)
-            times = time_alternating(steps, warmup=args.warmup, repeats=repeats)
+            steps["peft"] = B.train_step(B.reference(bb, "lora", r=RANK, device=dev), batch, amp)
+            times = time_alternating(steps, warmup=args.warmup, repeats=repeats, device=dev)
             ms = {k: median_ms(v) for k, v in times.items()}
             o = ms.get("ours", float("nan"))
             rows.append([name, prec, f"{ms['floor']:.0f}", f"{o:.0f}", f"{ms['peft']:.0f}",
@@ -79,8 +81,10 @@ def main() -> None:
              "on query/value (q_proj/v_proj); a LoRA step includes AdamW and zero_grad. Median of "
              f"{repeats} alternating rounds after {args.warmup} warm-up. Targets: ours/floor <= "
              "1.03x, ours/peft <= 0.95x.")
-    emit(SECTION, "LoRA step vs the frozen floor", threads, table, notes,
-         write=should_write(args))
+    on_gpu = args.device != "cpu"
+    emit(SECTION + ("-gpu" if on_gpu else ""),
+         "LoRA step vs the frozen floor" + (" (GPU)" if on_gpu else ""), threads, table, notes,
+         device=args.device, write=should_write(args))
 
 
 if __name__ == "__main__":

@@ -28,10 +28,10 @@ REPEATS = 5
 SECTION = "generate"
 
 
-def models(bb: B.Backbone):
+def models(bb: B.Backbone, device: str = "cpu"):
     """Ours and peft's prompt-tuned models with the same prompt table, in eval mode."""
-    ours = B.ours(bb, "prompt", n_virtual=N_VIRTUAL).eval()
-    ref = B.reference(bb, "prompt", n_virtual=N_VIRTUAL).eval()
+    ours = B.ours(bb, "prompt", n_virtual=N_VIRTUAL, device=device).eval()
+    ref = B.reference(bb, "prompt", n_virtual=N_VIRTUAL, device=device).eval()
     with torch.no_grad():  # one shared table, so greedy outputs can be compared token by token
         ref.prompt_encoder["default"].embedding.weight.copy_(ours.prompt().detach())
     return ours, ref
@@ -43,11 +43,11 @@ def main() -> None:
     threads = set_threads(args.threads)
     bb = B.load(QUICK_BACKBONE if args.quick else BACKBONE)
     repeats = 3 if args.quick else args.repeats
-    ours, ref = models(bb)
+    ours, ref = models(bb, args.device)
     never = bb.vocab + 7  # an EOS id outside the vocabulary: decoding never stops early
     rows = []
     for batch in BATCHES:
-        ids = B.fixed_ids(bb.vocab, batch, PROMPT_LEN, seed=batch)
+        ids = B.fixed_ids(bb.vocab, batch, PROMPT_LEN, seed=batch).to(args.device)
         mask = torch.ones_like(ids)
 
         def run_ours():
@@ -63,7 +63,7 @@ def main() -> None:
         a, b = run_ours(), run_peft()
         same = "yes" if a.shape == b.shape and torch.equal(a, b) else "NO"
         times = time_alternating({"ours": run_ours, "peft": run_peft}, warmup=args.warmup,
-                                 repeats=repeats)
+                                 repeats=repeats, device=args.device)
         ms = {k: median_ms(v) for k, v in times.items()}
         tps = {k: batch * NEW_TOKENS / (v / 1000) for k, v in ms.items()}
         rows.append([bb.name, str(batch), f"{tps['ours']:.1f}", f"{tps['peft']:.1f}",
@@ -76,8 +76,10 @@ def main() -> None:
              f"tokens, {NEW_TOKENS} new tokens per row, greedy, KV cache on, fp32. tok/s counts "
              f"generated tokens over the whole call (prefill included). Median of {repeats} "
              f"alternating calls after {args.warmup} warm-up. Higher is better; target >= 1.0x.")
-    emit(SECTION, "Generation with a soft prompt", threads, table, notes,
-         write=should_write(args))
+    on_gpu = args.device != "cpu"
+    emit(SECTION + ("-gpu" if on_gpu else ""),
+         "Generation with a soft prompt" + (" (GPU)" if on_gpu else ""), threads, table, notes,
+         device=args.device, write=should_write(args))
 
 
 if __name__ == "__main__":

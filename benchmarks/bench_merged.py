@@ -39,16 +39,16 @@ def forward(model: torch.nn.Module, batch: dict) -> callable:
     return run
 
 
-def candidates(bb: B.Backbone, batch: dict) -> dict:
+def candidates(bb: B.Backbone, batch: dict, device: str = "cpu") -> dict:
     """name -> forward closure: base, ours/peft unmerged and merged."""
     from lora import merge_lora
 
-    runs = {"base": forward(bb.fresh(), batch)}
-    ours_u = B.ours(bb, "lora", r=RANK)
-    ours_m = B.ours(bb, "lora", r=RANK)
+    runs = {"base": forward(bb.fresh().to(device), batch)}
+    ours_u = B.ours(bb, "lora", r=RANK, device=device)
+    ours_m = B.ours(bb, "lora", r=RANK, device=device)
     merge_lora(ours_m)
-    peft_u = B.reference(bb, "lora", r=RANK)
-    peft_m = B.reference(bb, "lora", r=RANK)
+    peft_u = B.reference(bb, "lora", r=RANK, device=device)
+    peft_m = B.reference(bb, "lora", r=RANK, device=device)
     peft_m.merge_adapter()
     runs.update({"ours unmerged": forward(ours_u, batch), "ours merged": forward(ours_m, batch),
                  "peft unmerged": forward(peft_u, batch), "peft merged": forward(peft_m, batch)})
@@ -66,8 +66,8 @@ def main() -> None:
     for name in names:
         bb = B.load(name)
         sources.append(f"{name}: {bb.source}, batch {bb.batch} x {bb.seq}")
-        runs = candidates(bb, B.make_batch(bb))
-        times = time_alternating(runs, warmup=args.warmup, repeats=repeats)
+        runs = candidates(bb, B.make_batch(bb, device=args.device), args.device)
+        times = time_alternating(runs, warmup=args.warmup, repeats=repeats, device=args.device)
         ms = {k: median_ms(v) for k, v in times.items()}
         for cand in runs:
             if cand != "base":
@@ -80,8 +80,10 @@ def main() -> None:
     notes = ("Backbones: " + "; ".join(sources) + f". LoRA r={RANK} on query/value "
              f"(q_proj/v_proj), fp32, eval, inference_mode. Median of {repeats} alternating "
              f"rounds after {args.warmup} warm-up. Target: ours merged <= 1.01x base.")
-    emit(SECTION, "Merged / unmerged LoRA inference vs the base", threads, table, notes,
-         write=should_write(args))
+    on_gpu = args.device != "cpu"
+    emit(SECTION + ("-gpu" if on_gpu else ""),
+         "Merged / unmerged LoRA inference vs the base" + (" (GPU)" if on_gpu else ""),
+         threads, table, notes, device=args.device, write=should_write(args))
 
 
 if __name__ == "__main__":

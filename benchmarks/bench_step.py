@@ -30,18 +30,20 @@ REPEATS = 5
 SECTION = "step"
 
 
-def measure(bb: B.Backbone, method: str, amp, warmup: int, repeats: int) -> list:
+def measure(bb: B.Backbone, method: str, amp, warmup: int, repeats: int,
+            device: str = "cpu") -> list:
     """One table row: times, ratios and peak memory of ours and peft for one case."""
-    batch = B.make_batch(bb)
+    batch = B.make_batch(bb, device=device)
     kw = {"n_virtual": N_VIRTUAL} if method in B.PROMPT_METHODS else {"r": RANK}
+    kw["device"] = device
     steps, trainable = {}, {}
     for side, build in B.builders(bb, method, **kw).items():
         model = build()
         trainable[side] = B.n_trainable(model)
         steps[side] = B.train_step(model, batch, amp)
-    times = time_alternating(steps, warmup=warmup, repeats=repeats)
+    times = time_alternating(steps, warmup=warmup, repeats=repeats, device=device)
     ms = {k: median_ms(v) for k, v in times.items()}
-    mem = {k: peak_memory(f) for k, f in steps.items()}
+    mem = {k: peak_memory(f, device) for k, f in steps.items()}
     return [f"{trainable['ours']:,}", f"{ms['ours']:.0f}", f"{ms['peft']:.0f}",
             ratio(ms["ours"], ms["peft"]), mib(mem["ours"]), mib(mem["peft"]),
             ratio(mem["ours"], mem["peft"])]
@@ -63,7 +65,8 @@ def main() -> None:
         for prec in args.precisions:
             for method in args.methods:
                 try:
-                    cells = measure(bb, method, PRECISIONS[prec], args.warmup, repeats)
+                    cells = measure(bb, method, PRECISIONS[prec], args.warmup, repeats,
+                                    args.device)
                 except Exception as exc:  # a missing feature must not hide the other rows
                     cells = [f"error: {type(exc).__name__}: {str(exc)[:60]}"] + [""] * 6
                 rows.append([name, method, prec] + cells)
@@ -76,8 +79,10 @@ def main() -> None:
              "on query/value (q_proj/v_proj); QLoRA = NF4 + double quantization on every other "
              "linear (peft side: bitsandbytes Linear4bit). Peak memory = torch allocations during "
              "one step above the level before it. Lower ratios are better.")
-    emit(SECTION, "Training step: time and peak memory per method", threads, table, notes,
-         write=should_write(args))
+    on_gpu = args.device != "cpu"
+    emit(SECTION + ("-gpu" if on_gpu else ""),
+         "Training step: time and peak memory per method" + (" (GPU)" if on_gpu else ""),
+         threads, table, notes, device=args.device, write=should_write(args))
 
 
 if __name__ == "__main__":
