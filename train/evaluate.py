@@ -31,7 +31,8 @@ def classify_accuracy(model: torch.nn.Module, examples: list[dict], pad_id: int,
     model.eval()
     collate = PadCollator(pad_id=pad_id)
     correct, loss_sum = 0, 0.0
-    for chunk in _batches(examples, batch_size):
+    order = sorted(examples, key=lambda e: len(e["input_ids"]))  # similar lengths: little padding
+    for chunk in _batches(order, batch_size):
         batch = {k: v.to(device) for k, v in collate(chunk).items()}
         out = model(**batch)
         correct += int((out.logits.argmax(-1) == batch["labels"]).sum())  # logits (B, C)
