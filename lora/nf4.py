@@ -267,40 +267,47 @@ def _pair_lut_cpu(quant_type: str) -> torch.Tensor:
     return pairs.view(torch.float64).view(256)
 
 
-def dequantize_nf4(packed: torch.Tensor, state: NF4State,
-                   dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.dtype] = None,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Inverse of ``quantize_nf4``: code value (fp32) * absmax (fp32), one cast to ``dtype``.
 
     Args:
         packed: uint8 [(numel + 1) // 2, 1] (any shape/1-byte view of those bytes).
         state: the quantization state.
-        dtype: output dtype; defaults to the original weight dtype.
+        dtype: output dtype; defaults to ``out``'s dtype, else the original weight dtype.
+        out: optional contiguous tensor of ``state.numel`` elements to write into (reusing a
+            buffer saves the page faults of a fresh allocation).
     Returns:
-        Tensor of ``state.shape`` in ``dtype``.
+        Tensor of ``state.shape`` in ``dtype`` (``out`` viewed that way when given).
     """
-    dtype = state.dtype if dtype is None else dtype
+    dtype = (out.dtype if out is not None else state.dtype) if dtype is None else dtype
     absmax = state.absmax_fp32()  # [nblocks] fp32
     bs, n = state.blocksize, state.numel
-    nblocks = absmax.numel()
     data = packed.reshape(-1).view(torch.uint8)
-    out = torch.empty(nblocks * bs, dtype=dtype, device=data.device)  # padded to whole blocks
+    if out is None:
+        out = torch.empty(state.shape, dtype=dtype, device=data.device)
+    elif out.numel() != n or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out: expected a contiguous {dtype} tensor of {n} elements, got "
+                         f"{out.dtype} {tuple(out.shape)}")
+    dst = out.view(-1)
     lut = _pair_lut_cpu(state.quant_type).to(data.device)
-    nbytes = data.numel()
+    nbytes, total = data.numel(), absmax.numel() * bs // 2  # bytes, padded to whole blocks
     # CPU: L2-sized chunks; CUDA: one pass (kernel launches, not caches, are the cost there)
-    one_pass = data.device.type != "cpu" or nblocks * bs // 2 <= _CHUNK_BYTES
-    chunk = nblocks * bs // 2 if one_pass else _CHUNK_BYTES
+    chunk = total if data.device.type != "cpu" or total <= _CHUNK_BYTES else _CHUNK_BYTES
     idx = torch.empty(chunk, dtype=torch.int32, device=data.device)
     buf = torch.empty(chunk, dtype=torch.float64, device=data.device)  # pairs of fp32 codes
-    for start in range(0, nblocks * bs // 2, chunk):  # chunk is a multiple of bs // 2
-        stop = min(start + chunk, nblocks * bs // 2)
+    for start in range(0, total, chunk):  # chunk is a multiple of bs // 2: whole blocks
+        stop = min(start + chunk, total)
         have = max(0, min(stop, nbytes) - start)
         torch.index_select(lut, 0, idx[:have].copy_(data[start:start + have]), out=buf[:have])
         buf[have:stop - start].zero_()  # padding of the last block
         vals = buf[:stop - start].view(torch.float32).view(-1, bs)  # [blocks in chunk, bs]
-        b0 = 2 * start // bs
-        torch.mul(vals, absmax[b0:b0 + vals.shape[0]].unsqueeze(1),
-                  out=out[2 * start:2 * stop].view(-1, bs))
-    return out[:n].view(state.shape)
+        scale = absmax[2 * start // bs:2 * stop // bs].unsqueeze(1)  # [blocks in chunk, 1]
+        if 2 * stop <= n:
+            torch.mul(vals, scale, out=dst[2 * start:2 * stop].view(-1, bs))
+        else:  # the chunk holding the partial last block
+            dst[2 * start:] = (vals * scale).view(-1)[:n - 2 * start]
+    return out.view(state.shape)
 
 
 def bits_per_parameter(blocksize: int = 64, double_quant: bool = False) -> float:

@@ -163,3 +163,19 @@ def test_bad_arguments_rejected():
         quantize_nf4(torch.randn(4, 4), rounding="gpu")
     with pytest.raises(ValueError, match="blocksize=7"):
         NF4State(absmax=torch.ones(1), shape=torch.Size([4]), dtype=torch.float32, blocksize=7)
+
+
+@pytest.mark.parametrize("shape,blocksize", [((64, 128), 64), ((33, 7), 32), ((300, 700), 256)])
+def test_dequantize_into_out_buffer(shape, blocksize):
+    w = _weight(shape, torch.float32, seed=2)
+    ref_packed, ref = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4",
+                                         compress_statistics=True)
+    packed, state = quantize_nf4(w, blocksize=blocksize, double_quant=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.full(shape, float("nan"), dtype=dtype)
+        got = dequantize_nf4(packed, state, out=out)
+        assert got.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(got, _bnb_reference_dequant(ref_packed, ref, "nf4", dtype),
+                                   atol=0, rtol=0)
+    with pytest.raises(ValueError, match="out"):
+        dequantize_nf4(packed, state, out=torch.empty(3))
