@@ -129,3 +129,38 @@ def test_bad_loop_inputs(tmp_path):
         LoopConfig(steps=0)
     with pytest.raises(ValueError, match="precision='fp8'"):
         LoopConfig(precision="fp8")
+
+
+def test_gradient_checkpointing_with_a_frozen_lora_base(tmp_path):
+    import lora
+    from tests.models import tiny_causal_lm
+    results = []
+    for gc in (False, True):
+        torch.manual_seed(0)
+        model = lora.add_lora(tiny_causal_lm("llama"), lora.LoRAConfig(r=2, target_modules=("q_proj", "v_proj")))
+        with torch.no_grad():  # B = 0 at init: give the adapters a value so their gradients flow both ways
+            for p in lora.lora_parameters(model):
+                p.add_(0.05)
+        train(model, instruct_examples(16), collator(),
+              LoopConfig(steps=2, batch_size=4, grad_checkpointing=gc, progress=False), tmp_path / str(gc), lr=1e-2)
+        assert model.is_gradient_checkpointing == gc
+        results.append(_trainable(model))
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], atol=1e-6, rtol=1e-6)
+
+
+def test_eval_every_and_metrics_lines(tmp_path):
+    calls = []
+
+    def evaluate(model):
+        calls.append(model.training)
+        return {"eval_loss": 1.0, "accuracy": 0.5}
+    train(toy_classifier(), classify_examples(16), collator(),
+          LoopConfig(steps=4, batch_size=4, eval_every=2, log_every=1, progress=False), tmp_path, lr=1e-2,
+          evaluate=evaluate)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["kind"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in lines if r["kind"] == "eval"] == [2]  # the final score is the caller's
+    assert calls == [False]  # evaluated in eval mode
+    assert all(r["tokens_per_s"] > 0 and r["lr"] >= 0 for r in lines if r["kind"] == "train")
+    assert (tmp_path / "loss.png").stat().st_size > 0
