@@ -220,15 +220,15 @@ def write_section(name: str, body: str, path: str | os.PathLike = BENCH_DOC) -> 
 
 
 def emit(name: str, title: str, threads: int, table: str, notes: str = "",
-         device: str | torch.device = "cpu", write: bool = True) -> str:
-    """Print a result table and (unless write=False) put it in its docs section.
-
-    Returns the markdown body.
+         device: str | torch.device = "cpu", write: bool = True, show: bool = True) -> str:
+    """Print a result table (unless show=False) and (unless write=False) put it in its docs
+    section. Returns the markdown body.
     """
     body = f"### {title}\n\n{header(threads, device)}\n\n{table}\n"
     if notes:
         body += f"\n{notes.strip()}\n"
-    print(body)
+    if show:
+        print(body)
     if write:
         write_section(name, body)
     return body

@@ -72,6 +72,11 @@ def main() -> None:
                 rows.append([name, method, prec] + cells)
                 print(" | ".join(rows[-1]), flush=True)
                 gc.collect()
+        # rewrite the section after each backbone: a run cut short still leaves its rows
+        report(rows, sources, repeats, threads, args, final=name == names[-1])
+
+
+def report(rows: list, sources: list, repeats: int, threads: int, args, final: bool) -> None:
     table = markdown_table(["backbone", "method", "precision", "trainable", "ours ms", "peft ms",
                             "time ours/peft", "ours MiB", "peft MiB", "mem ours/peft"], rows)
     notes = ("Backbones: " + "; ".join(sources) + f". Median of {repeats} alternating steps after "
@@ -80,9 +85,11 @@ def main() -> None:
              "linear (peft side: bitsandbytes Linear4bit). Peak memory = torch allocations during "
              "one step above the level before it. Lower ratios are better.")
     on_gpu = args.device != "cpu"
-    emit(SECTION + ("-gpu" if on_gpu else ""),
-         "Training step: time and peak memory per method" + (" (GPU)" if on_gpu else ""),
-         threads, table, notes, device=args.device, write=should_write(args))
+    title = "Training step: time and peak memory per method" + (" (GPU)" if on_gpu else "")
+    emit(SECTION + ("-gpu" if on_gpu else ""), title, threads, table, notes,
+         device=args.device, write=should_write(args), show=final)
+    if not final:
+        print(f"(partial results: {len(rows)} rows)", flush=True)
 
 
 if __name__ == "__main__":
