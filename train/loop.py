@@ -132,7 +132,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
     # -- seeds, model, optimizer over trainable parameters only -----------------------------
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     model.to(device)
     if cfg.grad_checkpointing:
