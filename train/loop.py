@@ -26,7 +26,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from .checkpoint import latest_checkpoint, load_checkpoint, named_trainable, save_checkpoint
 from .config import LoopConfig
-from .plot import plot_loss
+from .plot import plot_loss, read_metrics
 from .schedule import lr_factor
 
 __all__ = ["train", "TrainResult", "NonFiniteLossError", "resolve_device", "label_count"]
@@ -171,7 +171,9 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
         if main and metrics_path.is_file():  # drop log lines written after the checkpoint
             keep = [ln for ln in metrics_path.read_text().splitlines()
                     if ln.strip() and json.loads(ln)["step"] <= start]
-            metrics_path.write_text("".join(ln + "\n" for ln in keep))
+            tmp = metrics_path.with_name(metrics_path.name + ".tmp")
+            tmp.write_text("".join(ln + "\n" for ln in keep))
+            os.replace(tmp, metrics_path)
     elif main and metrics_path.exists():
         metrics_path.unlink()
 
@@ -287,13 +289,6 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
     if main:
         plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name)
     median = sorted(step_times)[len(step_times) // 2] if step_times else float("nan")
-    final = [r for r in _tail_train(metrics_path)] if main else []
+    final = [r for r in read_metrics(metrics_path) if r.get("kind") == "train"] if main else []
     return TrainResult(steps=cfg.steps, final_loss=final[-1]["loss"] if final else float("nan"),
                        seconds_per_step=median, run_dir=run_dir, checkpoint=last_ckpt)
-
-
-def _tail_train(metrics_path: Path) -> list[dict]:
-    if not metrics_path.is_file():
-        return []
-    records = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
-    return [r for r in records if r.get("kind") == "train"]
