@@ -16,6 +16,7 @@ Total GPU runtime is kept under ~3 minutes (few repeats, one model size).
 """
 from __future__ import annotations
 
+import gc
 import sys
 import time
 import warnings
@@ -46,7 +47,6 @@ def _bnb():
 
 
 def exactness(device: str) -> list[list[str]]:
-    from lora.nf4 import dequantize_nf4, quantize_nf4, NF4State
     bnbF = _bnb()
     rows = []
     if bnbF is None:
@@ -57,27 +57,32 @@ def exactness(device: str) -> list[list[str]]:
             w = (torch.randn(shape, generator=gen) * 0.05).to(dtype).to(device)
             for bs in EXACT_BLOCKSIZES:
                 for dq in (False, True):
-                    ref_p, ref = bnbF.quantize_4bit(w, blocksize=bs, quant_type="nf4",
-                                                    compress_statistics=dq)
-                    p, s = quantize_nf4(w, bs, dq, rounding="cuda" if device == "cuda" else "cpu")
-                    byte_mis = int((p != ref_p).sum())
-                    abs_mis = int((s.absmax != ref.absmax).sum())
-                    nested = "-"
-                    if dq:
-                        nested = str(int((s.nested_absmax != ref.state2.absmax).sum())
-                                     + int(s.offset != ref.offset))
-                    # dequantize bitsandbytes' own bytes with our code: pure dequant exactness
-                    st = NF4State(absmax=ref.absmax, shape=w.shape, dtype=dtype, blocksize=bs,
-                                  offset=ref.offset if dq else None,
-                                  nested_absmax=ref.state2.absmax if dq else None)
-                    ours = dequantize_nf4(ref_p, st, dtype)
-                    theirs = bnbF.dequantize_4bit(ref_p, ref, quant_type="nf4").reshape(w.shape)
-                    dq_diff = float((ours.float() - theirs.float()).abs().max())
-                    rows.append([f"{shape} {str(dtype)[6:]} bs{bs}{' DQ' if dq else ''}",
-                                 str(byte_mis), str(abs_mis), nested, f"{dq_diff:.3g}",
-                                 "exact" if byte_mis == abs_mis == 0 and nested in ("-", "0")
-                                 and dq_diff == 0 else "DIFF"])
+                    label = f"{shape} {str(dtype)[6:]} bs{bs}{' DQ' if dq else ''}"
+                    rows.append(_guard(lambda: _exact_case(bnbF, w, bs, dq, dtype, device, label),
+                                       label, 6))
     return rows
+
+
+def _exact_case(bnbF, w, bs, dq, dtype, device, label) -> list[str]:
+    from lora.nf4 import NF4State, dequantize_nf4, quantize_nf4
+    ref_p, ref = bnbF.quantize_4bit(w, blocksize=bs, quant_type="nf4", compress_statistics=dq)
+    p, s = quantize_nf4(w, bs, dq, rounding="cuda" if device == "cuda" else "cpu")
+    byte_mis = int((p != ref_p).sum())
+    abs_mis = int((s.absmax != ref.absmax).sum())
+    nested = "-"
+    if dq:
+        nested = str(int((s.nested_absmax != ref.state2.absmax).sum())
+                     + int(s.offset != ref.offset))
+    # dequantize bitsandbytes' own bytes with our code: dequantization exactness on its own
+    st = NF4State(absmax=ref.absmax, shape=w.shape, dtype=dtype, blocksize=bs,
+                  offset=ref.offset if dq else None,
+                  nested_absmax=ref.state2.absmax if dq else None)
+    ours = dequantize_nf4(ref_p, st, dtype)
+    theirs = bnbF.dequantize_4bit(ref_p, ref, quant_type="nf4").reshape(w.shape)
+    dq_diff = float((ours.float() - theirs.float()).abs().max())
+    exact = byte_mis == abs_mis == 0 and nested in ("-", "0") and dq_diff == 0
+    return [label, str(byte_mis), str(abs_mis), nested, f"{dq_diff:.3g}",
+            "exact" if exact else "DIFF"]
 
 
 def throughput(device: str) -> list[list[str]]:
@@ -88,10 +93,12 @@ def throughput(device: str) -> list[list[str]]:
     w = torch.randn(SIZE, SIZE, device=device) * 0.02
 
     def add(case, fns):
-        t = time_alternating(fns, warmup=3, repeats=REPEATS, device=device)
-        o = median_ms(t["ours"])
-        r = median_ms(t["bnb"]) if "bnb" in t else float("nan")
-        rows.append([case, f"{o:.3f}", f"{r:.3f}", ratio(o, r) if r == r else "n/a"])
+        def run():
+            t = time_alternating(fns, warmup=3, repeats=REPEATS, device=device)
+            o = median_ms(t["ours"])
+            r = median_ms(t["bnb"]) if "bnb" in t else float("nan")
+            return [case, f"{o:.3f}", f"{r:.3f}", ratio(o, r) if r == r else "n/a"]
+        rows.append(_guard(run, case, 4))
         print(rows[-1], flush=True)
 
     for dq in (False, True):
@@ -165,16 +172,12 @@ def training(device: str) -> list[list[str]]:
                     r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets))
         return lora.add_lora(model, lora.LoRAConfig(r=16, alpha=32, target_modules=targets))
 
-    kinds = ["ours QLoRA (NF4+DQ, bf16 compute)", "ours LoRA (bf16 base)"]
-    if _bnb() is not None:
-        kinds.append("peft+bnb QLoRA (bf16 compute)")
-    rows = []
-    for kind in kinds:
-        torch.cuda.empty_cache()
+    def measure(kind: str) -> list[str]:
+        base = torch.cuda.memory_allocated()
         model = build(kind)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
-        weights = torch.cuda.memory_allocated()
+        weights = torch.cuda.memory_allocated() - base
 
         def step():
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -185,13 +188,30 @@ def training(device: str) -> list[list[str]]:
 
         for _ in range(3):
             step()
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t = time_alternating({"x": step}, warmup=0, repeats=REPEATS, device=device)["x"]
-        rows.append([kind, f"{median_ms(t):.1f}", f"{weights / 2**20:.0f}",
-                     f"{torch.cuda.max_memory_allocated() / 2**20:.0f}"])
+        peak = torch.cuda.max_memory_allocated() - base
+        return [kind, f"{median_ms(t):.1f}", f"{weights / 2**20:.0f}", f"{peak / 2**20:.0f}"]
+
+    kinds = ["ours QLoRA (NF4+DQ, bf16 compute)", "ours LoRA (bf16 base)"]
+    if _bnb() is not None:
+        kinds.append("peft+bnb QLoRA (bf16 compute)")
+    rows = []
+    for kind in kinds:
+        gc.collect()
+        torch.cuda.empty_cache()
+        rows.append(_guard(lambda: measure(kind), kind, 4))
         print(rows[-1], flush=True)
-        del model, opt, params
     return rows
+
+
+def _guard(fn, label: str, width: int):
+    """Run one measurement; a failure becomes a table row instead of ending the script."""
+    try:
+        return fn()
+    except Exception as exc:  # e.g. a bitsandbytes build without kernels for this GPU
+        return [label, f"ERROR {type(exc).__name__}: {str(exc)[:120]}"] + ["-"] * (width - 2)
 
 
 def cpu_smoke() -> str:
@@ -217,14 +237,16 @@ def main() -> None:
         parts += [header(torch.get_num_threads()), "", f"CUDA not available: skipped. {msg}"]
     else:
         parts += [header(0, "cuda"), ""]
-        ex = exactness("cuda")
+        ex = _guard(lambda: exactness("cuda"), "exactness", 6)
+        ex = ex if isinstance(ex[0], list) else [ex]
         parts += ["## Bit-exactness (rounding='cuda')", "",
                   markdown_table(["case", "byte mismatches", "absmax mismatches",
                                   "nested mismatches", "dequant max|diff|", "verdict"], ex), ""]
         n_exact = sum(r[-1] == "exact" for r in ex)
         print(f"exactness: {n_exact}/{len(ex)} cases exact", flush=True)
         parts += [f"{n_exact}/{len(ex)} cases exact.", ""]
-        tp = throughput("cuda")
+        tp = _guard(lambda: throughput("cuda"), "throughput", 4)
+        tp = tp if isinstance(tp[0], list) else [tp]
         parts += ["## Throughput", "", markdown_table(["case", "ours ms", "bnb ms", "ours/bnb"],
                                                       tp), ""]
         tr = training("cuda")

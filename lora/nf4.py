@@ -181,8 +181,9 @@ def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor,
     n = codes.numel()
     values = dynamic_map_8bit().to(codes.device)[codes.reshape(-1).long()]
     nblocks = absmax.numel()
-    values = torch.nn.functional.pad(values, (0, nblocks * blocksize - n))
-    return (values.view(nblocks, blocksize) * absmax.unsqueeze(1)).reshape(-1)[:n]
+    if nblocks * blocksize != n:
+        values = torch.nn.functional.pad(values, (0, nblocks * blocksize - n))
+    return (values.view(nblocks, blocksize) * absmax.unsqueeze(1)).view(-1)[:n]
 
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False,
@@ -300,7 +301,8 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.
         stop = min(start + chunk, total)
         have = max(0, min(stop, nbytes) - start)
         torch.index_select(lut, 0, idx[:have].copy_(data[start:start + have]), out=buf[:have])
-        buf[have:stop - start].zero_()  # padding of the last block
+        if have < stop - start:
+            buf[have:stop - start].zero_()  # padding of the last block
         vals = buf[:stop - start].view(torch.float32).view(-1, bs)  # [blocks in chunk, bs]
         scale = absmax[2 * start // bs:2 * stop // bs].unsqueeze(1)  # [blocks in chunk, 1]
         if 2 * stop <= n:
