@@ -116,7 +116,30 @@ def quantize_model(model: nn.Module, skip: Sequence[str] = ("lm_head",), blocksi
         for name, module in model.named_modules():
             if not isinstance(module, NF4Linear):
                 _load_params(module, name, reader)
+        _materialize_leftovers(model, device)
     return model
+
+
+def _materialize_leftovers(model: nn.Module, device: torch.device | str) -> None:
+    """Give meta-device modules that no file holds (e.g. rotary ``inv_freq``, a non-persistent
+    buffer) real storage, filled by the model's own initializer.
+
+    Raises:
+        ValueError: naming modules left partly on the meta device.
+    """
+    init = getattr(model, "_init_weights", None)
+    left = []
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        if not any(t.is_meta for t in own):
+            continue
+        if init is not None and all(t.is_meta for t in own):  # nothing of it was loaded
+            module.to_empty(device=device, recurse=False)
+            init(module)
+        else:
+            left.append(name)
+    if left:
+        raise ValueError(f"modules still (partly) on the meta device after loading: {left}")
 
 
 def _load_params(module: nn.Module, name: str, reader: _TensorFile) -> None:
@@ -240,6 +263,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike,
         parent, attr = _parent(model, name)
         _swap(parent, attr, layer)
     result = model.load_state_dict(sd, strict=False, assign=True)
+    _materialize_leftovers(model, device)
     missing = [k for k in result.missing_keys]
     if missing and hasattr(model, "tie_weights"):
         model.tie_weights()  # tied heads are stored under one name only if the file says so

@@ -202,6 +202,21 @@ def test_streamed_quantization_from_checkpoint_equals_in_memory(tmp_path):
         skeleton = transformers.AutoModelForCausalLM.from_config(dense.config)
     lora.quantize_model(skeleton, checkpoint=path)
     lora.quantize_model(dense)
-    assert not any(p.is_meta for p in skeleton.parameters())
+    assert not any(t.is_meta for t in [*skeleton.parameters(), *skeleton.buffers()])
     for (name, a), b in zip(dense.state_dict().items(), skeleton.state_dict().values()):
         assert torch.equal(a, b), name
+    ids = _batch(2, 12)  # non-persistent buffers (rotary inv_freq) were rebuilt too
+    with torch.no_grad():
+        torch.testing.assert_close(skeleton(ids).logits, dense(ids).logits, atol=0, rtol=0)
+
+
+def test_load_quantized_into_meta_skeleton(tmp_path):
+    model = lora.quantize_model(llama64(), double_quant=False)
+    path = tmp_path / "q.safetensors"
+    lora.save_quantized(model, path)
+    with torch.device("meta"):
+        skeleton = transformers.AutoModelForCausalLM.from_config(model.config)
+    lora.load_quantized(skeleton, path)
+    ids = _batch(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(skeleton(ids).logits, model(ids).logits, atol=0, rtol=0)
