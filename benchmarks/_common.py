@@ -72,7 +72,11 @@ def header(threads: int, device: str | torch.device = "cpu", extra: str = "") ->
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     versions = ", ".join(f"{d} {_version(d)}" for d in
                          ("torch", "transformers", "peft", "bitsandbytes"))
-    text = (f"_{now} · {device_name(device)} · torch threads: {threads} · "
+    clock = "wall" if torch.device(device).type == "cuda" else _clock["name"]
+    load = ""
+    if hasattr(os, "getloadavg") and torch.device(device).type == "cpu":
+        load = f" · load average {os.getloadavg()[0]:.1f}"
+    text = (f"_{now} · {device_name(device)}{load} · torch threads: {threads} · {clock} clock · "
             f"Python {platform.python_version()} · {versions}_")
     return text + (f"\n\n{extra}" if extra else "")
 
@@ -90,13 +94,28 @@ def _sync(device: str | torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# "wall": elapsed time. "cpu": CPU seconds of this process (all its threads), which a busy
+# shared machine inflates far less; with --threads 1 it is the work done, free of waiting.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = {"name": "wall"}
+
+
+def set_clock(name: str) -> str:
+    """Choose the clock of every later timing: "wall" (default) or "cpu"."""
+    if name not in CLOCKS:
+        raise ValueError(f"clock={name!r}; expected one of {sorted(CLOCKS)}")
+    _clock["name"] = name
+    return name
+
+
 def time_once(fn: Callable[[], object], device: str | torch.device = "cpu") -> float:
-    """Wall time of one call in seconds (CUDA work is synchronized on both ends)."""
+    """Seconds of one call on the chosen clock (CUDA work is synchronized on both ends)."""
+    now = CLOCKS["wall" if torch.device(device).type == "cuda" else _clock["name"]]
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = now()
     fn()
     _sync(device)
-    return time.perf_counter() - t0
+    return now() - t0
 
 
 def time_alternating(fns: Mapping[str, Callable[[], object]], warmup: int = 2,
@@ -246,6 +265,8 @@ def bench_args(description: str, repeats: int, warmup: int = 1):
     p.add_argument("--quick", action="store_true", help="tiny models, few repeats (CI-sized)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores, <= 8)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
+                   help="wall (default) or cpu: process CPU seconds, steadier on a busy machine")
     p.add_argument("--repeats", type=int, default=repeats, help="timed rounds per candidate")
     p.add_argument("--warmup", type=int, default=warmup, help="untimed rounds first")
     p.add_argument("--no-write", dest="write", action="store_false", default=None,
@@ -258,3 +279,9 @@ def bench_args(description: str, repeats: int, warmup: int = 1):
 def should_write(args) -> bool:
     """Default: full runs write their docs section, --quick runs do not."""
     return (not args.quick) if args.write is None else args.write
+
+
+def setup(args) -> int:
+    """Apply the shared knobs (clock, threads); returns the thread count."""
+    set_clock(args.clock)
+    return set_threads(args.threads)

@@ -10,7 +10,7 @@ see --steps) and scores held-out accuracy. Writes results/ablate_encoder.{csv,pn
 from __future__ import annotations
 
 from _ablate import budget_args, budget_from, finish, run_trial, sweep
-from _common import bench_args, set_threads
+from _common import bench_args, setup
 
 # ---------------------------------------------------------------------------------- knobs
 ENCODERS = ("none", "mlp", "lstm")   # none = Prompt Tuning: the table itself is trained
@@ -24,7 +24,7 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
     budget_args(p)
     args = p.parse_args()
-    threads = set_threads(args.threads)
+    threads = setup(args)
     budget = budget_from(args)
     rows = []
     for n in sweep(args.lengths, args.quick, n_quick=1):

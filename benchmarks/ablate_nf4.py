@@ -16,7 +16,7 @@ import dataclasses
 import torch
 
 from _ablate import budget_args, budget_from, finish, run_trial, sweep
-from _common import bench_args, set_threads
+from _common import bench_args, setup
 
 # ---------------------------------------------------------------------------------- knobs
 # name -> (method, frozen base dtype, loop precision)
@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("--ranks", type=int, nargs="+", default=list(RANKS))
     budget_args(p)
     args = p.parse_args()
-    threads = set_threads(args.threads)
+    threads = setup(args)
     budget = budget_from(args)
     rows = []
     for r in sweep(args.ranks, args.quick, n_quick=1):

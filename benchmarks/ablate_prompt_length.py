@@ -10,7 +10,7 @@ see --steps) and scores held-out accuracy. Writes results/ablate_prompt_length.{
 from __future__ import annotations
 
 from _ablate import budget_args, budget_from, finish, run_trial, sweep
-from _common import bench_args, set_threads
+from _common import bench_args, setup
 
 # ---------------------------------------------------------------------------------- knobs
 LENGTHS = (1, 5, 20, 100)
@@ -24,7 +24,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     budget_args(p)
     args = p.parse_args()
-    threads = set_threads(args.threads)
+    threads = setup(args)
     budget = budget_from(args)
     rows = []
     for method in args.methods:

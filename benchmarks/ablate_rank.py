@@ -11,7 +11,7 @@ size), so the sweep isolates capacity. Writes results/ablate_rank.{csv,png}.
 from __future__ import annotations
 
 from _ablate import budget_args, budget_from, finish, run_trial, sweep
-from _common import bench_args, set_threads
+from _common import bench_args, setup
 
 # ---------------------------------------------------------------------------------- knobs
 RANKS = (1, 4, 16, 64)
@@ -27,7 +27,7 @@ def main() -> None:
     p.add_argument("--targets", nargs="+", default=list(TARGET_SETS), choices=list(TARGET_SETS))
     budget_args(p)
     args = p.parse_args()
-    threads = set_threads(args.threads)
+    threads = setup(args)
     budget = budget_from(args)
     rows = []
     for targets in args.targets:

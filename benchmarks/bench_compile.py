@@ -19,7 +19,7 @@ import time
 import torch
 
 import _backbones as B
-from _common import (ROOT, bench_args, emit, markdown_table, median_ms, ratio, set_threads,
+from _common import (ROOT, bench_args, emit, markdown_table, median_ms, ratio, setup,
                      should_write, time_alternating)
 
 # ---------------------------------------------------------------------------------- knobs
@@ -73,7 +73,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=B.METHODS)
     p.add_argument("--with-peft", action="store_true", help="compile peft's model as well")
     args = p.parse_args()
-    threads = set_threads(args.threads)
+    threads = setup(args)
     bb = B.load(QUICK_BACKBONE if args.quick else BACKBONE)
     repeats = 3 if args.quick else args.repeats
     batch = B.make_batch(bb)

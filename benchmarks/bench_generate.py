@@ -14,7 +14,7 @@ import gc
 import torch
 
 import _backbones as B
-from _common import (bench_args, emit, markdown_table, median_ms, ratio, set_threads,
+from _common import (bench_args, emit, markdown_table, median_ms, ratio, setup,
                      should_write, time_alternating)
 
 # ---------------------------------------------------------------------------------- knobs
@@ -40,7 +40,7 @@ def models(bb: B.Backbone, device: str = "cpu"):
 def main() -> None:
     p = bench_args(__doc__.splitlines()[0], repeats=REPEATS)
     args = p.parse_args()
-    threads = set_threads(args.threads)
+    threads = setup(args)
     bb = B.load(QUICK_BACKBONE if args.quick else BACKBONE)
     repeats = 3 if args.quick else args.repeats
     ours, ref = models(bb, args.device)

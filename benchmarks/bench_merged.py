@@ -16,7 +16,7 @@ import gc
 import torch
 
 import _backbones as B
-from _common import (bench_args, emit, markdown_table, median_ms, ratio, set_threads,
+from _common import (bench_args, emit, markdown_table, median_ms, ratio, setup,
                      should_write, time_alternating)
 
 # ---------------------------------------------------------------------------------- knobs
@@ -59,7 +59,7 @@ def main() -> None:
     p = bench_args(__doc__.splitlines()[0], repeats=REPEATS)
     p.add_argument("--full", action="store_true", help="also SmolLM2-135M (4 x 128)")
     args = p.parse_args()
-    threads = set_threads(args.threads)
+    threads = setup(args)
     names = QUICK_BACKBONES if args.quick else FULL_BACKBONES if args.full else BACKBONES
     repeats = 5 if args.quick else args.repeats
     rows, sources = [], []

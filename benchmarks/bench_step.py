@@ -16,7 +16,7 @@ import torch
 
 import _backbones as B
 from _common import (bench_args, emit, markdown_table, median_ms, mib, peak_memory, ratio,
-                     set_threads, should_write, time_alternating)
+                     setup, should_write, time_alternating)
 
 # ---------------------------------------------------------------------------------- knobs
 BACKBONES = ("minilm",)                 # default run
@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     args = p.parse_args()
-    threads = set_threads(args.threads)
+    threads = setup(args)
     names = QUICK_BACKBONES if args.quick else FULL_BACKBONES if args.full else BACKBONES
     repeats = 2 if args.quick else args.repeats
     rows, sources = [], []
