@@ -220,7 +220,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     for start in range(0, n, step):
         stop = min(start + step, n)
         codes = _quantize_span(flat[start:stop], blocksize, mids, absmax[start // blocksize:],
-                               last_partial=stop > full and rounding == "cpu")
+                               rounding)
         if quant_type != "nf4":
             codes = order.to(torch.uint8)[codes.long()]
         if codes.numel() % 2:  # odd numel: the missing element is quantized 0.0
@@ -237,8 +237,14 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
 
 
 def _quantize_span(x: torch.Tensor, blocksize: int, mids: torch.Tensor, absmax_out: torch.Tensor,
-                   last_partial: bool) -> torch.Tensor:
-    """Codes (uint8 [len(x)]) of a span starting on a block boundary; writes its absmax values."""
+                   rounding: str) -> torch.Tensor:
+    """Codes (uint8 [len(x)]) of a span starting on a block boundary; writes its absmax values.
+
+    "cpu" follows bitsandbytes' CPU path: absmax clamped to >= 1e-38 before the reciprocal (the
+    partial last block stores the clamped value and divides). "cuda" follows the CUDA kernel:
+    a plain reciprocal, so an all-zero block gives 0 * inf = NaN, which its decision tree sends
+    to code 0.
+    """
     m = x.numel()
     nfull = m // blocksize
     xf = x.float()
@@ -247,16 +253,28 @@ def _quantize_span(x: torch.Tensor, blocksize: int, mids: torch.Tensor, absmax_o
         blocks = xf[: nfull * blocksize].view(nfull, blocksize)
         amax = blocks.abs().amax(dim=1)  # [nfull]
         absmax_out[:nfull] = amax
-        scaled = (blocks * (1.0 / amax.clamp(min=1e-38)).unsqueeze(1)).clamp_(-1.0, 1.0)
-        parts.append(torch.bucketize(scaled.view(-1), mids, right=False).to(torch.uint8))
+        recip = 1.0 / (amax.clamp(min=1e-38) if rounding == "cpu" else amax)
+        parts.append(_codes(blocks * recip.unsqueeze(1), mids, rounding))
     if m > nfull * blocksize:
         tail = xf[nfull * blocksize:]
-        amax = tail.abs().amax().clamp(min=1e-38)  # bitsandbytes stores the clamped value here
+        amax = tail.abs().amax()
+        if rounding == "cpu":
+            amax = amax.clamp(min=1e-38)
+            scaled = tail / amax
+        else:
+            scaled = tail * (1.0 / amax)
         absmax_out[nfull] = amax
-        # bitsandbytes-CPU divides in the partial last block; CUDA multiplies by the reciprocal
-        scaled = (tail / amax if last_partial else tail * (1.0 / amax)).clamp_(-1.0, 1.0)
-        parts.append(torch.bucketize(scaled, mids, right=False).to(torch.uint8))
+        parts.append(_codes(scaled, mids, rounding))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _codes(scaled: torch.Tensor, mids: torch.Tensor, rounding: str) -> torch.Tensor:
+    """Nearest code by the fp32 midpoints (ties to the lower code). NaN: code 0 on "cuda" (its
+    decision tree), the last code on "cpu" (bucketize, like bitsandbytes' CPU path)."""
+    scaled = scaled.clamp_(-1.0, 1.0).reshape(-1)
+    if rounding == "cuda":
+        scaled = torch.nan_to_num(scaled, nan=-1.0)
+    return torch.bucketize(scaled, mids, right=False).to(torch.uint8)
 
 
 @functools.lru_cache(maxsize=None)

@@ -179,3 +179,17 @@ def test_dequantize_into_out_buffer(shape, blocksize):
                                    atol=0, rtol=0)
     with pytest.raises(ValueError, match="out"):
         dequantize_nf4(packed, state, out=torch.empty(3))
+
+
+def test_all_zero_block_cpu_vs_cuda_rounding():
+    """bitsandbytes-CPU packs an all-zero block as code 7 (0.0); its CUDA kernel computes
+    0 * (1/0) = NaN and its decision tree picks code 0; both dequantize to zeros."""
+    w = torch.zeros(2, 64)
+    w[1] = torch.linspace(-1, 1, 64)
+    ref_packed, _ = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    cpu_packed, cpu_state = quantize_nf4(w, 64, rounding="cpu")
+    assert torch.equal(cpu_packed, ref_packed) and int(cpu_packed[0]) == 0x77
+    cuda_packed, cuda_state = quantize_nf4(w, 64, rounding="cuda")
+    assert bool((cuda_packed[:32] == 0).all()) and torch.equal(cuda_packed[32:], ref_packed[32:])
+    for packed, state in ((cpu_packed, cpu_state), (cuda_packed, cuda_state)):
+        assert torch.equal(dequantize_nf4(packed, state)[0].abs(), torch.zeros(64))
