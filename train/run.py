@@ -5,6 +5,7 @@ checked in ``prepare`` before anything is written, so a bad run leaves no half-m
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -116,11 +117,14 @@ def build_model(p: Prepared, device: Optional[torch.device] = None) -> torch.nn.
 def score(model: torch.nn.Module, p: Prepared, device: torch.device) -> dict:
     """Held-out metrics: accuracy (when there are labels) and eval loss where defined."""
     pad = p.tokenizer.pad_token_id
-    if p.task == "seq_cls":
-        return classify_accuracy(model, p.held, pad, device)
-    if p.answer_ids is not None:  # labelled: accuracy of the answer word (one position per prompt)
-        return answer_accuracy(model, p.held, p.answer_ids, pad, device)
-    return eval_loss(model, p.held, pad, device)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p.cfg.loop.precision)
+    # score under the training precision: what was trained is what is measured
+    with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
+        if p.task == "seq_cls":
+            return classify_accuracy(model, p.held, pad, device)
+        if p.answer_ids is not None:  # labelled: accuracy of the answer word (one position per prompt)
+            return answer_accuracy(model, p.held, p.answer_ids, pad, device)
+        return eval_loss(model, p.held, pad, device)
 
 
 def run(cfg: RunConfig, run_dir: Path, resume: bool = False, prepared: Optional[Prepared] = None) -> dict:
