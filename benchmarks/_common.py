@@ -281,6 +281,11 @@ def should_write(args) -> bool:
     return (not args.quick) if args.write is None else args.write
 
 
+def section_name(base: str, backbone: str, device: str = "cpu") -> str:
+    """Docs section of one backbone's table, e.g. "step-minilm" or "floor-smollm2-gpu"."""
+    return f"{base}-{backbone}" + ("" if device == "cpu" else "-gpu")
+
+
 def setup(args) -> int:
     """Apply the shared knobs (clock, threads); returns the thread count."""
     set_clock(args.clock)

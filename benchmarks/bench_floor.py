@@ -16,7 +16,7 @@ import gc
 import torch
 
 import _backbones as B
-from _common import (bench_args, emit, markdown_table, median_ms, ratio, setup,
+from _common import (bench_args, emit, markdown_table, median_ms, ratio, section_name, setup,
                      should_write, time_alternating)
 
 # ---------------------------------------------------------------------------------- knobs
@@ -49,14 +49,15 @@ def floor_step(bb: B.Backbone, batch: dict, amp, device: str = "cpu") -> callabl
 def main() -> None:
     p = bench_args(__doc__.splitlines()[0], repeats=REPEATS)
     p.add_argument("--full", action="store_true", help="also SmolLM2-135M (4 x 128)")
+    p.add_argument("--backbones", nargs="+", choices=list(B.BACKBONES), help="overrides --full")
     args = p.parse_args()
     threads = setup(args)
-    names = QUICK_BACKBONES if args.quick else FULL_BACKBONES if args.full else BACKBONES
+    names = (args.backbones or (QUICK_BACKBONES if args.quick else
+                                FULL_BACKBONES if args.full else BACKBONES))
     repeats = 3 if args.quick else args.repeats
-    rows, sources = [], []
-    for name in names:
+    for name in names:  # one docs section per backbone, written as soon as it is done
         bb = B.load(name)
-        sources.append(f"{name}: {bb.source}, batch {bb.batch} x {bb.seq}")
+        rows, sources = [], [f"{name}: {bb.source}, batch {bb.batch} x {bb.seq}"]
         dev = args.device
         batch = B.make_batch(bb, device=dev)
         for prec, amp in PRECISIONS.items():
@@ -75,16 +76,16 @@ def main() -> None:
             print(" | ".join(rows[-1]), flush=True)
             del steps
             gc.collect()
-    table = markdown_table(["backbone", "precision", "floor ms", "ours LoRA ms", "peft LoRA ms",
-                            "ours/floor", "peft/floor", "ours/peft"], rows)
-    notes = ("Backbones: " + "; ".join(sources) + f". LoRA r={RANK}, alpha={2 * RANK}, dropout 0 "
-             "on query/value (q_proj/v_proj); a LoRA step includes AdamW and zero_grad. Median of "
-             f"{repeats} alternating rounds after {args.warmup} warm-up. Targets: ours/floor <= "
-             "1.03x, ours/peft <= 0.95x.")
-    on_gpu = args.device != "cpu"
-    emit(SECTION + ("-gpu" if on_gpu else ""),
-         "LoRA step vs the frozen floor" + (" (GPU)" if on_gpu else ""), threads, table, notes,
-         device=args.device, write=should_write(args))
+        table = markdown_table(["backbone", "precision", "floor ms", "ours LoRA ms", "peft LoRA ms",
+                                "ours/floor", "peft/floor", "ours/peft"], rows)
+        notes = ("Backbone " + "; ".join(sources) + f". LoRA r={RANK}, alpha={2 * RANK}, dropout 0 "
+                 "on query/value (q_proj/v_proj); a LoRA step includes AdamW and zero_grad. Median of "
+                 f"{repeats} alternating rounds after {args.warmup} warm-up. Targets: ours/floor <= "
+                 "1.03x, ours/peft <= 0.95x.")
+        on_gpu = args.device != "cpu"
+        emit(section_name(SECTION, name, args.device),
+             f"LoRA step vs the frozen floor: {name}" + (" (GPU)" if on_gpu else ""), threads, table, notes,
+             device=args.device, write=should_write(args))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import gc
 import torch
 
 import _backbones as B
-from _common import (bench_args, emit, markdown_table, median_ms, ratio, setup,
+from _common import (bench_args, emit, markdown_table, median_ms, ratio, section_name, setup,
                      should_write, time_alternating)
 
 # ---------------------------------------------------------------------------------- knobs
@@ -58,14 +58,15 @@ def candidates(bb: B.Backbone, batch: dict, device: str = "cpu") -> dict:
 def main() -> None:
     p = bench_args(__doc__.splitlines()[0], repeats=REPEATS)
     p.add_argument("--full", action="store_true", help="also SmolLM2-135M (4 x 128)")
+    p.add_argument("--backbones", nargs="+", choices=list(B.BACKBONES), help="overrides --full")
     args = p.parse_args()
     threads = setup(args)
-    names = QUICK_BACKBONES if args.quick else FULL_BACKBONES if args.full else BACKBONES
+    names = (args.backbones or (QUICK_BACKBONES if args.quick else
+                                FULL_BACKBONES if args.full else BACKBONES))
     repeats = 5 if args.quick else args.repeats
-    rows, sources = [], []
-    for name in names:
+    for name in names:  # one docs section per backbone, written as soon as it is done
         bb = B.load(name)
-        sources.append(f"{name}: {bb.source}, batch {bb.batch} x {bb.seq}")
+        rows, sources = [], [f"{name}: {bb.source}, batch {bb.batch} x {bb.seq}"]
         runs = candidates(bb, B.make_batch(bb, device=args.device), args.device)
         times = time_alternating(runs, warmup=args.warmup, repeats=repeats, device=args.device)
         ms = {k: median_ms(v) for k, v in times.items()}
@@ -76,14 +77,14 @@ def main() -> None:
                 print(" | ".join(rows[-1]), flush=True)
         del runs
         gc.collect()
-    table = markdown_table(["backbone", "model", "base ms", "model ms", "model/base"], rows)
-    notes = ("Backbones: " + "; ".join(sources) + f". LoRA r={RANK} on query/value "
-             f"(q_proj/v_proj), fp32, eval, inference_mode. Median of {repeats} alternating "
-             f"rounds after {args.warmup} warm-up. Target: ours merged <= 1.01x base.")
-    on_gpu = args.device != "cpu"
-    emit(SECTION + ("-gpu" if on_gpu else ""),
-         "Merged / unmerged LoRA inference vs the base" + (" (GPU)" if on_gpu else ""),
-         threads, table, notes, device=args.device, write=should_write(args))
+        table = markdown_table(["backbone", "model", "base ms", "model ms", "model/base"], rows)
+        notes = ("Backbone " + "; ".join(sources) + f". LoRA r={RANK} on query/value "
+                 f"(q_proj/v_proj), fp32, eval, inference_mode. Median of {repeats} alternating "
+                 f"rounds after {args.warmup} warm-up. Target: ours merged <= 1.01x base.")
+        on_gpu = args.device != "cpu"
+        emit(section_name(SECTION, name, args.device),
+             f"Merged / unmerged LoRA inference vs the base: {name}" + (" (GPU)" if on_gpu else ""),
+             threads, table, notes, device=args.device, write=should_write(args))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ Peak memory = bytes torch allocates during one step above what was allocated bef
 
     python benchmarks/bench_step.py            # MiniLM 16x64, fp32 + bf16 autocast (~3 min)
     python benchmarks/bench_step.py --full     # + SmolLM2-135M 4x128 (many minutes on 2 cores)
+    python benchmarks/bench_step.py --backbones smollm2 --precisions fp32 --threads 1 --clock cpu
+Each backbone's table goes to its own docs section (step-minilm, step-smollm2, ...-gpu).
     python benchmarks/bench_step.py --quick    # tiny random models, seconds
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 import _backbones as B
 from _common import (bench_args, emit, markdown_table, median_ms, mib, peak_memory, ratio,
-                     setup, should_write, time_alternating)
+                     section_name, setup, should_write, time_alternating)
 
 # ---------------------------------------------------------------------------------- knobs
 BACKBONES = ("minilm",)                 # default run
@@ -52,16 +54,17 @@ def measure(bb: B.Backbone, method: str, amp, warmup: int, repeats: int,
 def main() -> None:
     p = bench_args(__doc__.splitlines()[0], repeats=REPEATS)
     p.add_argument("--full", action="store_true", help="also SmolLM2-135M (4 x 128)")
+    p.add_argument("--backbones", nargs="+", choices=list(B.BACKBONES), help="overrides --full")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     args = p.parse_args()
     threads = setup(args)
-    names = QUICK_BACKBONES if args.quick else FULL_BACKBONES if args.full else BACKBONES
+    names = (args.backbones or (QUICK_BACKBONES if args.quick else
+                                FULL_BACKBONES if args.full else BACKBONES))
     repeats = 2 if args.quick else args.repeats
-    rows, sources = [], []
     for name in names:
         bb = B.load(name)
-        sources.append(f"{name}: {bb.source}, batch {bb.batch} x {bb.seq}")
+        rows, source = [], f"{name}: {bb.source}, batch {bb.batch} x {bb.seq}"
         for prec in args.precisions:
             for method in args.methods:
                 try:
@@ -72,24 +75,22 @@ def main() -> None:
                 rows.append([name, method, prec] + cells)
                 print(" | ".join(rows[-1]), flush=True)
                 gc.collect()
-        # rewrite the section after each backbone: a run cut short still leaves its rows
-        report(rows, sources, repeats, threads, args, final=name == names[-1])
+        report(name, rows, source, repeats, threads, args)
 
 
-def report(rows: list, sources: list, repeats: int, threads: int, args, final: bool) -> None:
+def report(name: str, rows: list, source: str, repeats: int, threads: int, args) -> None:
+    """Print one backbone's table and write it into its own docs section."""
     table = markdown_table(["backbone", "method", "precision", "trainable", "ours ms", "peft ms",
                             "time ours/peft", "ours MiB", "peft MiB", "mem ours/peft"], rows)
-    notes = ("Backbones: " + "; ".join(sources) + f". Median of {repeats} alternating steps after "
+    notes = (f"Backbone {source}. Median of {repeats} alternating steps after "
              f"{args.warmup} warm-up. {N_VIRTUAL} virtual tokens; LoRA r={RANK}, alpha={2 * RANK} "
              "on query/value (q_proj/v_proj); QLoRA = NF4 + double quantization on every other "
              "linear (peft side: bitsandbytes Linear4bit). Peak memory = torch allocations during "
              "one step above the level before it. Lower ratios are better.")
     on_gpu = args.device != "cpu"
-    title = "Training step: time and peak memory per method" + (" (GPU)" if on_gpu else "")
-    emit(SECTION + ("-gpu" if on_gpu else ""), title, threads, table, notes,
-         device=args.device, write=should_write(args), show=final)
-    if not final:
-        print(f"(partial results: {len(rows)} rows)", flush=True)
+    title = f"Training step per method: {name}" + (" (GPU)" if on_gpu else "")
+    emit(section_name(SECTION, name, args.device), title, threads, table, notes,
+         device=args.device, write=should_write(args))
 
 
 if __name__ == "__main__":

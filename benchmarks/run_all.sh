@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
 # Regenerate docs/benchmarks.md: every speed benchmark, CPU first, then CUDA when present.
-# Usage: bash benchmarks/run_all.sh [--full]   (PYTHON=... to pick the interpreter;
-# BENCH_THREADS=N to pin threads; OUT=dir to also copy the page there after each script)
+# Usage: bash benchmarks/run_all.sh [--full] [shared knobs, e.g. --threads 1 --clock cpu]
+# (PYTHON=... picks the interpreter; OUT=dir also copies the page there after each script)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-FULL=${1:-}
+ARGS=("$@")
 run() {  # run <seconds> <script> [args...]: one script, bounded, never stops the rest
     local limit=$1; shift
     echo "=== $* (limit ${limit}s)"
     timeout "$limit" "$PY" "benchmarks/$@" || echo "=== $1 exited with $?"
     if [ -n "${OUT:-}" ]; then cp docs/benchmarks.md "$OUT/"; fi
 }
-run 300 bench_step.py $FULL
-run 120 bench_floor.py $FULL
-run 60 bench_merged.py $FULL
-run 90 bench_generate.py
+GEN_ARGS=("${ARGS[@]/--full}")  # generation has a single backbone
+run 900 bench_step.py "${ARGS[@]}"
+run 600 bench_floor.py "${ARGS[@]}"
+run 300 bench_merged.py "${ARGS[@]}"
+run 300 bench_generate.py "${GEN_ARGS[@]}"
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    run 90 bench_step.py --device cuda $FULL
-    run 45 bench_floor.py --device cuda $FULL
-    run 30 bench_merged.py --device cuda $FULL
-    run 45 bench_generate.py --device cuda
+    run 300 bench_step.py --device cuda "${ARGS[@]}"
+    run 120 bench_floor.py --device cuda "${ARGS[@]}"
+    run 60 bench_merged.py --device cuda "${ARGS[@]}"
+    run 60 bench_generate.py --device cuda "${GEN_ARGS[@]}"
 fi
