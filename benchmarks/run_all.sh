@@ -12,7 +12,8 @@ run() {  # run <seconds> <script> [args...]: one script, bounded, never stops th
     timeout "$limit" "$PY" "benchmarks/$@" || echo "=== $1 exited with $?"
     if [ -n "${OUT:-}" ]; then cp docs/benchmarks.md "$OUT/"; fi
 }
-GEN_ARGS=("${ARGS[@]/--full}")  # generation has a single backbone
+GEN_ARGS=()  # generation has a single backbone: drop --full
+for a in "${ARGS[@]}"; do [ "$a" = "--full" ] || GEN_ARGS+=("$a"); done
 run 900 bench_step.py "${ARGS[@]}"
 run 600 bench_floor.py "${ARGS[@]}"
 run 300 bench_merged.py "${ARGS[@]}"
