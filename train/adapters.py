@@ -74,7 +74,8 @@ def _build(backbone: torch.nn.Module, cfg: ModelConfig, task: str, tokenizer) ->
         pcfg = PromptConfig(method=method, n_virtual=cfg.n_virtual,
                             init=cfg.prompt_init if method == "prompt" else "random",
                             init_text=cfg.prompt_init_text if cfg.prompt_init == "text" and method == "prompt" else None,
-                            encoder=cfg.encoder, encoder_hidden=cfg.encoder_hidden or None)
+                            encoder=cfg.encoder, encoder_hidden=cfg.encoder_hidden or None,
+                            pool=cfg.prompt_pool if task == "seq_cls" else "backbone")
         return PromptModel(backbone, pcfg, tokenizer=tokenizer, task=task)
     if method in ("lora", "qlora"):
         import lora

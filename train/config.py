@@ -44,6 +44,7 @@ class ModelConfig:
     prompt_init_text: str = ""      # prompt with prompt_init=text: the text whose embeddings seed the table
     encoder: str = "mlp"            # ptuning: mlp | lstm reparameterization
     encoder_hidden: int = 0         # ptuning: encoder width; 0 means the model's hidden size
+    prompt_pool: str = "backbone"   # prompt / ptuning classifiers: backbone (peft: pools the first virtual token) | real_cls
     lora_r: int = 8                 # lora / qlora: rank
     lora_alpha: float = 8.0         # lora / qlora: scaling numerator (scaling = alpha / r)
     lora_dropout: float = 0.0       # lora / qlora: dropout on the adapter input
@@ -59,6 +60,8 @@ class ModelConfig:
         _check(self.prompt_init != "text" or bool(self.prompt_init_text),
                "prompt_init='text' needs a non-empty prompt_init_text")
         _check(self.encoder in ("mlp", "lstm"), f"encoder={self.encoder!r}; expected mlp or lstm")
+        _check(self.prompt_pool in ("backbone", "real_cls"),
+               f"prompt_pool={self.prompt_pool!r}; expected backbone or real_cls")
         _check(self.encoder_hidden >= 0, f"encoder_hidden={self.encoder_hidden}; expected >= 0")
         _check(self.lora_r > 0, f"lora_r={self.lora_r}; expected > 0")
         _check(self.lora_alpha > 0, f"lora_alpha={self.lora_alpha}; expected > 0")

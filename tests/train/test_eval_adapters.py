@@ -61,3 +61,19 @@ def test_unknown_method_and_missing_folder(tmp_path):
         load_adapted(tiny_bert_classifier(), "lora", tmp_path / "none")
     with pytest.raises(ValueError, match="needs task=classify"):
         build_adapted(tiny_causal_lm("llama"), ModelConfig(method="head"), "causal_lm")
+
+
+def test_prompt_pool_option_reaches_the_prompt_model():
+    from softprompt import PromptModel
+    batch = {"input_ids": torch.tensor([[1, 5, 9, 12, 2]]), "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    outs = {}
+    for pool in ("backbone", "real_cls"):
+        torch.manual_seed(0)
+        model = build_adapted(tiny_bert_classifier(num_labels=2), ModelConfig(method="ptuning", n_virtual=4,
+                                                                             prompt_pool=pool), "seq_cls")
+        assert isinstance(model, PromptModel) and model.config.pool == pool
+        with torch.no_grad():
+            outs[pool] = model.eval()(**batch).logits
+    assert not torch.allclose(outs["backbone"], outs["real_cls"])  # a different position is pooled
+    with pytest.raises(ValueError, match="prompt_pool='last'"):
+        ModelConfig(prompt_pool="last")
