@@ -6,7 +6,8 @@ fp32 and bf16 compute, and one QLoRA training step on SmolLM2-135M shapes (batch
 LoRA r8 on q_proj/v_proj) against peft + bitsandbytes Linear4bit. Candidates alternate every
 round; medians; ratio = ours / bitsandbytes time (below 1.00x: ours is faster).
 
-    python benchmarks/bench_nf4.py            # ~2 min on 2 cores, writes its docs section
+    python benchmarks/bench_nf4.py            # ~2-4 min on 2 cores, writes its docs section
+    python benchmarks/bench_nf4.py --threads 1 --clock cpu   # steadier on a shared machine
     python benchmarks/bench_nf4.py --quick    # smaller shapes, no docs update
 """
 from __future__ import annotations
@@ -15,10 +16,9 @@ import gc
 import warnings
 
 import torch
-import torch.nn.functional as F
 
-from _common import bench_args, emit, markdown_table, median_ms, ratio, set_threads, should_write
-from _common import time_alternating
+from _common import (bench_args, emit, markdown_table, median_ms, ratio, setup, should_write,
+                     time_alternating)
 
 # ---------------------------------------------------------------------------------- knobs
 SIZE = 4096            # weight is SIZE x SIZE
@@ -130,7 +130,7 @@ def step_row(quick: bool, repeats: int, warmup: int) -> list[str]:
 def main() -> None:
     p = bench_args(__doc__.splitlines()[0], repeats=9)
     args = p.parse_args()
-    threads = set_threads(args.threads)
+    threads = setup(args)
     size, tokens = (1024, (2, 64)) if args.quick else (SIZE, TOKENS)
     rows = kernel_rows(size, tokens, args.repeats, args.warmup)
     rows.append(step_row(args.quick, args.repeats, args.warmup))

@@ -309,6 +309,8 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.
         raise ValueError(f"out: expected a contiguous {dtype} tensor of {n} elements, got "
                          f"{out.dtype} {tuple(out.shape)}")
     dst = out.view(-1)
+    # fp32 output can take the gathered code pairs directly (needs 8-byte alignment)
+    direct = dtype == torch.float32 and dst.storage_offset() % 2 == 0
     lut = _pair_lut_cpu(state.quant_type).to(data.device)
     nbytes, total = data.numel(), absmax.numel() * bs // 2  # bytes, padded to whole blocks
     # CPU: L2-sized chunks; CUDA: one pass (kernel launches, not caches, are the cost there)
@@ -318,11 +320,16 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.
     for start in range(0, total, chunk):  # chunk is a multiple of bs // 2: whole blocks
         stop = min(start + chunk, total)
         have = max(0, min(stop, nbytes) - start)
+        scale = absmax[2 * start // bs:2 * stop // bs].unsqueeze(1)  # [blocks in chunk, 1]
+        if direct and 2 * stop <= n:  # gather straight into the output
+            pairs = dst[2 * start:2 * stop].view(torch.float64)
+            torch.index_select(lut, 0, idx[:have].copy_(data[start:stop]), out=pairs)
+            pairs.view(torch.float32).view(-1, bs).mul_(scale)
+            continue
         torch.index_select(lut, 0, idx[:have].copy_(data[start:start + have]), out=buf[:have])
         if have < stop - start:
             buf[have:stop - start].zero_()  # padding of the last block
         vals = buf[:stop - start].view(torch.float32).view(-1, bs)  # [blocks in chunk, bs]
-        scale = absmax[2 * start // bs:2 * stop // bs].unsqueeze(1)  # [blocks in chunk, 1]
         if 2 * stop <= n:
             torch.mul(vals, scale, out=dst[2 * start:2 * stop].view(-1, bs))
         else:  # the chunk holding the partial last block

@@ -193,3 +193,11 @@ def test_all_zero_block_cpu_vs_cuda_rounding():
     assert bool((cuda_packed[:32] == 0).all()) and torch.equal(cuda_packed[32:], ref_packed[32:])
     for packed, state in ((cpu_packed, cpu_state), (cuda_packed, cuda_state)):
         assert torch.equal(dequantize_nf4(packed, state)[0].abs(), torch.zeros(64))
+
+
+def test_dequantize_into_unaligned_out_slice():
+    w = _weight((64, 64), torch.float32, seed=4)
+    packed, state = quantize_nf4(w)
+    storage = torch.empty(64 * 64 + 1)
+    got = dequantize_nf4(packed, state, out=storage[1:])  # fp32 offset 1: not 8-byte aligned
+    torch.testing.assert_close(got, dequantize_nf4(packed, state), atol=0, rtol=0)
