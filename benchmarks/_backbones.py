@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 import transformers
 
+import _common  # noqa: F401  (puts the repository root on sys.path)
+
 # bundled name -> task, (batch, seq), LoRA targets, modules never quantized, fallback config
 BACKBONES = {
     "minilm": dict(task="seq_cls", shape=(16, 64), targets=["query", "value"],
