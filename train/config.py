@@ -21,7 +21,7 @@ TASKS = ("auto", "classify", "instruct")
 
 # Learning rates that suit each method on the bundled data (prompts need a much larger step
 # than weights; these follow the usual published settings for each method).
-_DEFAULT_LR = {"head": 1e-2, "prompt": 3e-2, "ptuning": 1e-3, "lora": 5e-4, "qlora": 5e-4}
+_DEFAULT_LR = {"head": 1e-2, "prompt": 3e-2, "ptuning": 1e-2, "lora": 5e-4, "qlora": 5e-4}
 
 
 def default_lr(method: str) -> float:

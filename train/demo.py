@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 # The default fits a 2-core CPU in under 10 minutes with bf16 autocast; --full is the anchor
 # budget in fp32 (400 steps of batch 16; SmolLM2 300 steps of batch 8 at lr 2e-4).
 _QUICK = {"precision": "bf16", "mini_steps": 200, "smol": (80, 1e-3, 200),
-          "lr": {"head": 1e-2, "prompt": 3e-2, "ptuning": 3e-3, "lora": 1e-3, "qlora": 1e-3}}
+          "lr": {"head": 1e-2, "prompt": 3e-2, "ptuning": 1e-2, "lora": 1e-3, "qlora": 1e-3}}
 _FULL = {"precision": "fp32", "mini_steps": 400, "smol": (300, 2e-4, 400),
-         "lr": {"head": 1e-2, "prompt": 3e-2, "ptuning": 1e-3, "lora": 5e-4, "qlora": 5e-4}}
+         "lr": {"head": 1e-2, "prompt": 3e-2, "ptuning": 1e-2, "lora": 5e-4, "qlora": 5e-4}}
 
 
 def demo_rows(full: bool = False) -> dict[str, RunConfig]:
