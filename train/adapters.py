@@ -97,6 +97,7 @@ def _atomic_save(tensors: dict, path: Path) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"format": "pt"})
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

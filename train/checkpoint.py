@@ -39,6 +39,7 @@ def write_json_atomic(path: Path, obj) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2, sort_keys=True)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a run's files are ordinary readable files
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -56,6 +56,7 @@ def plot_loss(metrics_path: Path, png_path: Path, title: str = "") -> bool:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=100)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, png_path)
     finally:
         plt.close(fig)
