@@ -11,7 +11,6 @@ budget (400 steps of batch 16 for MiniLM, 300 of batch 8 for SmolLM2).
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
