@@ -10,7 +10,6 @@ usage: python benchmarks/bench_demo_vs_peft.py [--quick] [--full] [--only lora p
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 import tempfile
 from pathlib import Path
