@@ -166,13 +166,28 @@ def plot(rows: list[dict], x: str, series: str, path: Path, title: str,
 
 
 def finish(rows: list[dict], name: str, out: Path, x: str, series: str, title: str,
-           **plot_kw) -> None:
-    """Print the rows as a table, write <out>/<name>.csv and <out>/<name>.png."""
+           write_docs: bool = False, **plot_kw) -> None:
+    """Print the rows as a table, write <out>/<name>.csv and <out>/<name>.png, and (with
+    write_docs) the table and plot link into docs/benchmarks.md's section `name`."""
     from _common import markdown_table
 
     print(markdown_table(list(rows[0]), [list(r.values()) for r in rows]))
     print("wrote", write_csv(rows, out / f"{name}.csv"))
     print("wrote", plot(rows, x, series, out / f"{name}.png", title, **plot_kw))
+    if write_docs:
+        publish(name, title, rows, out)
+
+
+def publish(name: str, title: str, rows: list[dict], out: Path = RESULTS) -> None:
+    """Put an ablation's table and plot link into its docs/benchmarks.md section."""
+    from _common import BENCH_DOC, header, markdown_table, write_section
+
+    keep = [k for k in rows[0] if k not in ("threads",)]
+    table = markdown_table(keep, [[r[k] for k in keep] for r in rows])
+    png = os.path.relpath(out / f"{name}.png", BENCH_DOC.parent)
+    body = (f"### {title}\n\n{header(int(rows[0].get('threads', 0)))}\n\n{table}\n\n"
+            f"![{title}]({png})\n")
+    write_section(name, body)
 
 
 def sweep(values: Sequence, quick: bool, n_quick: int = 2) -> list:

@@ -10,7 +10,7 @@ see --steps) and scores held-out accuracy. Writes results/ablate_encoder.{csv,pn
 from __future__ import annotations
 
 from _ablate import budget_args, budget_from, finish, run_trial, sweep
-from _common import bench_args, setup
+from _common import bench_args, setup, should_write
 
 # ---------------------------------------------------------------------------------- knobs
 ENCODERS = ("none", "mlp", "lstm")   # none = Prompt Tuning: the table itself is trained
@@ -35,7 +35,8 @@ def main() -> None:
             rows.append({"encoder": enc, "n_virtual": n, **r, "steps": budget.steps,
                          "threads": threads})
             print(rows[-1], flush=True)
-    finish(rows, NAME, args.out, x="encoder", series="n_virtual", categorical=True,
+    finish(rows, NAME, args.out, write_docs=should_write(args),
+           x="encoder", series="n_virtual", categorical=True,
            title=f"Prompt encoder (MiniLM, {budget.steps} steps)")
 
 

@@ -16,7 +16,7 @@ import dataclasses
 import torch
 
 from _ablate import budget_args, budget_from, finish, run_trial, sweep
-from _common import bench_args, setup
+from _common import bench_args, setup, should_write
 
 # ---------------------------------------------------------------------------------- knobs
 # name -> (method, frozen base dtype, loop precision)
@@ -43,7 +43,8 @@ def main() -> None:
             rows.append({"base": base, "rank": r, **res, "steps": budget.steps,
                          "threads": threads})
             print(rows[-1], flush=True)
-    finish(rows, NAME, args.out, x="base", series="rank", categorical=True,
+    finish(rows, NAME, args.out, write_docs=should_write(args),
+           x="base", series="rank", categorical=True,
            title=f"Frozen base format under LoRA (MiniLM, {budget.steps} steps)")
 
 

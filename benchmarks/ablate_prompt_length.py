@@ -10,7 +10,7 @@ see --steps) and scores held-out accuracy. Writes results/ablate_prompt_length.{
 from __future__ import annotations
 
 from _ablate import budget_args, budget_from, finish, run_trial, sweep
-from _common import bench_args, setup
+from _common import bench_args, setup, should_write
 
 # ---------------------------------------------------------------------------------- knobs
 LENGTHS = (1, 5, 20, 100)
@@ -33,7 +33,8 @@ def main() -> None:
             rows.append({"method": method, "n_virtual": n, **r, "steps": budget.steps,
                          "threads": threads})
             print(rows[-1], flush=True)
-    finish(rows, NAME, args.out, x="n_virtual", series="method",
+    finish(rows, NAME, args.out, write_docs=should_write(args),
+           x="n_virtual", series="method",
            title=f"Prompt length (MiniLM, {budget.steps} steps)", log_x=True)
 
 

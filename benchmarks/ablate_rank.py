@@ -11,7 +11,7 @@ size), so the sweep isolates capacity. Writes results/ablate_rank.{csv,png}.
 from __future__ import annotations
 
 from _ablate import budget_args, budget_from, finish, run_trial, sweep
-from _common import bench_args, setup
+from _common import bench_args, setup, should_write
 
 # ---------------------------------------------------------------------------------- knobs
 RANKS = (1, 4, 16, 64)
@@ -37,7 +37,8 @@ def main() -> None:
             rows.append({"targets": targets, "rank": r, **res, "steps": budget.steps,
                          "threads": threads})
             print(rows[-1], flush=True)
-    finish(rows, NAME, args.out, x="rank", series="targets", log_x=True,
+    finish(rows, NAME, args.out, write_docs=should_write(args),
+           x="rank", series="targets", log_x=True,
            title=f"LoRA rank and targets (MiniLM, {budget.steps} steps)")
 
 
