@@ -14,7 +14,8 @@ def prepend_prompt(prompt: torch.Tensor, inputs_embeds: torch.Tensor,
     """Insert a soft prompt into a batch; nothing is modified in place.
 
     Args:
-        prompt: [n, d] virtual-token embeddings (any dtype; cast to ``inputs_embeds.dtype``).
+        prompt: [n, d] virtual-token embeddings (any dtype; broadcast to [B, n, d], then cast
+            to ``inputs_embeds.dtype``).
         inputs_embeds: [B, L, d] token embeddings (from ``get_input_embeddings()``).
         attention_mask: optional [B, L]; the prompt columns are ones of the same dtype.
         labels: optional [B, L] token labels; the prompt columns are -100. Per-sequence labels
@@ -33,7 +34,11 @@ def prepend_prompt(prompt: torch.Tensor, inputs_embeds: torch.Tensor,
     if not 0 <= insert_at <= length:
         raise ValueError(f"insert_at={insert_at}; expected 0 <= insert_at <= L={length}")
     n = prompt.shape[0]
-    out = {"inputs_embeds": _insert(inputs_embeds, prompt.to(inputs_embeds.dtype).expand(b, n, -1), insert_at)}
+    # Broadcast over the batch BEFORE the cast (peft: repeat, then .to). Under autocast the
+    # encoder's prompt is bf16; the backward then sums the B per-row gradients in bf16, as peft's
+    # does. Casting first would sum them in fp32 and round once: a different encoder gradient.
+    block = prompt.expand(b, n, -1).to(inputs_embeds.dtype)  # (B, n, d)
+    out = {"inputs_embeds": _insert(inputs_embeds, block, insert_at)}
     for name, value, fill in (("attention_mask", attention_mask, 1), ("labels", labels, IGNORE_INDEX),
                               ("token_type_ids", token_type_ids, 0)):
         if value is None:
