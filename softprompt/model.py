@@ -126,8 +126,10 @@ class PromptModel(nn.Module):
         if token_type_ids is not None and "token_type_ids" not in _forward_params(self.backbone):
             token_type_ids = None
         insert_at = 1 if (self.task == "seq_cls" and self.config.pool == "real_cls") else 0
+        # the padding check reads a tensor value: skip it while compiling (it would break the graph)
         if self.task == "seq_cls" and insert_at == 0 and attention_mask is not None and \
-                not bool(attention_mask[:, -1].all()) and _is_decoder_head(self.backbone):
+                _is_decoder_head(self.backbone) and not torch.compiler.is_compiling() and \
+                not bool(attention_mask[:, -1].all()):
             log.warning("decoder classifier on a right-padded batch reads a pad position; use left padding")
         batch = prepend_prompt(self.prompt(), inputs_embeds, attention_mask, labels, token_type_ids, insert_at)
         kwargs.update(batch)
