@@ -92,3 +92,18 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+def snapshot(model):
+    """Module objects and parameter values/flags, to prove a failed call changed nothing."""
+    return ({n: m for n, m in model.named_modules()},
+            {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()})
+
+
+def assert_unchanged(model, snap) -> None:
+    modules, params = snap
+    assert {n: m for n, m in model.named_modules()}.keys() == modules.keys()
+    assert all(m is modules[n] for n, m in model.named_modules())
+    for n, p in model.named_parameters():
+        assert torch.equal(p, params[n][0]) and p.requires_grad == params[n][1], n
+    assert not hasattr(model, "_lora_state")

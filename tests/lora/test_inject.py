@@ -7,7 +7,7 @@ import torch
 from lora import DEFAULT_TARGETS, LoRAConfig, TrainedCopy, add_lora, lora_parameters, remove_lora
 from lora.targets import is_linear_like, resolve_targets
 
-from .conftest import FAMILIES, base_model, our_config
+from .conftest import FAMILIES, assert_unchanged, snapshot, base_model, our_config
 
 REQUIRED_TYPES = ("llama", "mistral", "qwen2", "opt", "gpt2", "bloom", "bert", "gpt_neox", "falcon", "phi")
 
@@ -43,43 +43,29 @@ def test_matching_equals_peft(family: str, spec) -> None:
     assert ours == _peft_targets(model, spec)
 
 
-def _snapshot(model):
-    return ({n: m for n, m in model.named_modules()},
-            {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()})
-
-
-def _assert_unchanged(model, snap) -> None:
-    modules, params = snap
-    assert {n: m for n, m in model.named_modules()}.keys() == modules.keys()
-    assert all(m is modules[n] for n, m in model.named_modules())
-    for n, p in model.named_parameters():
-        assert torch.equal(p, params[n][0]) and p.requires_grad == params[n][1], n
-    assert not hasattr(model, "_lora_state")
-
-
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
 def test_bad_inputs_raise_and_leave_model_unchanged(family: str) -> None:
     model = base_model(family)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(ValueError, match="matched no module; the linear-like modules are") as err:
         add_lora(model, LoRAConfig(target_modules=["nope_proj"]))
     some_linear = next(n for n, m in model.named_modules() if is_linear_like(m))
     assert some_linear in str(err.value)
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
     with pytest.raises(ValueError, match="cannot wrap"):
         add_lora(model, LoRAConfig(target_modules=[next(n for n, _ in model.named_children())]))
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
     with pytest.raises(ValueError, match="modules_to_save entry 'head_x'"):
         add_lora(model, LoRAConfig(target_modules="all-linear", modules_to_save=("head_x",)))
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
     with pytest.raises(ValueError, match="r=0"):
         add_lora(model, LoRAConfig(r=0))
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
     with pytest.raises(ValueError, match="no LoRA adapter"):
         remove_lora(model)
 
     add_lora(model, our_config(family))
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(ValueError, match="already has LoRA"):
         add_lora(model, our_config(family))
     modules, params = snap

@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from lora import LoRAConfig, add_lora, load_lora, lora_state_dict, save_lora
 from lora import io as lora_io
 
-from .conftest import FAMILIES, base_model, batch, build_pair, our_config, randomize_both
+from .conftest import FAMILIES, assert_unchanged, snapshot, base_model, batch, build_pair, our_config, randomize_both
 
 TOL = dict(atol=1e-6, rtol=1e-6)
 
@@ -49,20 +49,6 @@ def test_roundtrip_and_peft_both_ways(family: str, variant: dict, tmp_path) -> N
         assert_close(mine(**inputs).logits, pm(**inputs).logits, **TOL)
 
 
-def _snapshot(model):
-    return ({n: m for n, m in model.named_modules()},
-            {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()})
-
-
-def _assert_unchanged(model, snap) -> None:
-    modules, params = snap
-    assert {n: m for n, m in model.named_modules()}.keys() == modules.keys()
-    assert all(m is modules[n] for n, m in model.named_modules())
-    for n, p in model.named_parameters():
-        assert torch.equal(p, params[n][0]) and p.requires_grad == params[n][1], n
-    assert not hasattr(model, "_lora_state")
-
-
 @pytest.fixture
 def saved_llama(tmp_path):
     model = add_lora(base_model("llama"), LoRAConfig(r=4, alpha=8))
@@ -75,7 +61,7 @@ def test_bad_folders_raise_and_leave_model_unchanged(saved_llama, tmp_path, monk
     weights = saved_llama / "adapter_model.safetensors"
     tensors = load_file(str(weights))
     model = base_model("llama")
-    snap = _snapshot(model)
+    snap = snapshot(model)
 
     # shapes that do not fit (an r=2 adapter file under an r=4 config)
     key = next(k for k in tensors if k.endswith("q_proj.lora_A.weight"))
@@ -83,7 +69,7 @@ def test_bad_folders_raise_and_leave_model_unchanged(saved_llama, tmp_path, monk
     save_file(bad, str(weights))
     with pytest.raises(ValueError, match=r"shape mismatches \[.*q_proj.lora_A.weight: file \(2, 16\) vs model \(4, 16\)"):
         load_lora(model, saved_llama)
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
 
     # missing and unexpected keys are named
     bad = {k: v for k, v in tensors.items() if k != key}
@@ -91,7 +77,7 @@ def test_bad_folders_raise_and_leave_model_unchanged(saved_llama, tmp_path, monk
     save_file(bad, str(weights))
     with pytest.raises(ValueError, match=r"missing keys \[.*q_proj.lora_A.weight.*unexpected keys \[.*o_proj"):
         load_lora(model, saved_llama)
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
 
     # a truncated safetensors file
     save_file(tensors, str(weights))
@@ -99,7 +85,7 @@ def test_bad_folders_raise_and_leave_model_unchanged(saved_llama, tmp_path, monk
     weights.write_bytes(data[: len(data) - 40])
     with pytest.raises(ValueError, match="truncated or corrupt"):
         load_lora(model, saved_llama)
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
     save_file(tensors, str(weights))
 
     # a folder of another method
@@ -108,7 +94,7 @@ def test_bad_folders_raise_and_leave_model_unchanged(saved_llama, tmp_path, monk
     other.save_pretrained(tmp_path / "prompt")
     with pytest.raises(ValueError, match="peft_type='PROMPT_TUNING'.*not a LoRA adapter"):
         load_lora(model, tmp_path / "prompt")
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
 
     # an option we do not implement, and a missing folder
     raw = json.loads((saved_llama / "adapter_config.json").read_text())
@@ -118,7 +104,7 @@ def test_bad_folders_raise_and_leave_model_unchanged(saved_llama, tmp_path, monk
         load_lora(model, saved_llama)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_lora(model, tmp_path / "nowhere")
-    _assert_unchanged(model, snap)
+    assert_unchanged(model, snap)
 
 
 def test_writes_are_atomic(saved_llama, monkeypatch) -> None:
