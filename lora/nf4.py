@@ -56,7 +56,9 @@ def codebook(quant_type: str = "nf4", device: torch.device | str = "cpu") -> tor
     Returns:
         fp32 tensor [16].
     """
-    return _code_cpu(quant_type).to(device)
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type={quant_type!r}: expected one of {QUANT_TYPES}")
+    return _table(quant_type, torch.device(device)).clone()  # callers may modify their copy
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,12 +68,47 @@ def dynamic_map_8bit() -> torch.Tensor:
     For exponent e = 0..6 the magnitudes are 10**(e-6) times the midpoints of a (2**e + 1)-point
     fp32 grid on [0.1, 1] (product rounded to fp32), with both signs; plus 0 and 1.
     """
-    values = [0.0, 1.0]
+    parts = [torch.tensor([0.0, 1.0], dtype=torch.float32)]
     for e in range(7):
         grid = torch.linspace(0.1, 1.0, 2 ** e + 1, dtype=torch.float32)
         mids = (grid[:-1] + grid[1:]) / 2.0 * (10.0 ** (e - 6))  # fp32 tensor * scalar: fp32
-        values += mids.tolist() + (-mids).tolist()
-    return torch.tensor(sorted(values), dtype=torch.float32)
+        parts += [mids, -mids]
+    return torch.sort(torch.cat(parts)).values  # tensor ops only: traceable by torch.compile
+
+
+# Constant lookup tables per (name, device), built eagerly once: a compiled forward then reads
+# them as graph constants instead of rebuilding them (or copying them to the device) per call.
+_TABLE_BUILDERS = {
+    "nf4": lambda: _code_cpu("nf4"),
+    "fp4": lambda: _code_cpu("fp4"),
+    "dynamic8": lambda: dynamic_map_8bit(),
+    "pairs_nf4": lambda: _pair_lut_cpu("nf4"),
+    "pairs_fp4": lambda: _pair_lut_cpu("fp4"),
+}
+_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def _table(name: str, device: torch.device) -> torch.Tensor:
+    """The constant table ``name`` on ``device`` (kept after the first eager build)."""
+    key = (name, torch.device(device))
+    table = _TABLES.get(key)
+    if table is None:
+        table = _TABLE_BUILDERS[name]().to(key[1])
+        if not torch.compiler.is_compiling():  # a traced tensor must not outlive its graph
+            _TABLES[key] = table
+    return table
+
+
+def warm_tables(quant_type: str, device: torch.device | str) -> None:
+    """Build the tables that dequantizing a ``quant_type`` weight on ``device`` reads.
+
+    Called eagerly (e.g. when a layer is built or moved) so that a later ``torch.compile`` finds
+    them cached.
+    """
+    if torch.compiler.is_compiling():
+        return
+    for name in (quant_type, "dynamic8", "pairs_" + quant_type):
+        _table(name, torch.device(device))
 
 
 def _midpoints(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +216,7 @@ def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor,
                               blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
     """Inverse of ``quantize_blockwise_8bit``: fp32 [n] = dyn[codes] * absmax[i // blocksize]."""
     n = codes.numel()
-    values = dynamic_map_8bit().to(codes.device)[codes.reshape(-1).long()]
+    values = _table("dynamic8", codes.device)[codes.reshape(-1).long()]
     nblocks = absmax.numel()
     if nblocks * blocksize != n:
         values = torch.nn.functional.pad(values, (0, nblocks * blocksize - n))
@@ -309,9 +346,12 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.
         raise ValueError(f"out: expected a contiguous {dtype} tensor of {n} elements, got "
                          f"{out.dtype} {tuple(out.shape)}")
     dst = out.view(-1)
+    if torch.compiler.is_compiling():
+        dst.copy_(_dequantize_traceable(data, absmax, state, dtype))
+        return out.view(state.shape)
     # fp32 output can take the gathered code pairs directly (needs 8-byte alignment)
     direct = dtype == torch.float32 and dst.storage_offset() % 2 == 0
-    lut = _pair_lut_cpu(state.quant_type).to(data.device)
+    lut = _table("pairs_" + state.quant_type, data.device)
     nbytes, total = data.numel(), absmax.numel() * bs // 2  # bytes, padded to whole blocks
     # CPU: L2-sized chunks; CUDA: one pass (kernel launches, not caches, are the cost there)
     chunk = total if data.device.type != "cpu" or total <= _CHUNK_BYTES else _CHUNK_BYTES
@@ -335,6 +375,28 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.
         else:  # the chunk holding the partial last block
             dst[2 * start:] = (vals * scale).view(-1)[:n - 2 * start]
     return out.view(state.shape)
+
+
+def _dequantize_traceable(data: torch.Tensor, absmax: torch.Tensor, state: NF4State,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize_nf4`` as one straight-line expression (no chunk loop, no storage queries),
+    for torch.compile to trace and fuse; same fp32 product and single cast, so the same bits.
+
+    Args:
+        data: uint8 [nbytes] packed codes; absmax: fp32 [nblocks].
+    Returns:
+        flat [numel] tensor in ``dtype``.
+    """
+    bs, n = state.blocksize, state.numel
+    code = _table(state.quant_type, data.device)  # fp32 [16]
+    nibbles = torch.stack([data >> 4, data & 15], dim=1).reshape(-1)[:n].long()  # [numel]
+    full = n // bs * bs
+    # whole blocks as [blocks, bs] * [blocks, 1]; the partial last block on its own (a single
+    # flat gather * repeated absmax miscompiles past element 512 in torch 2.13's CPU inductor)
+    vals = (code[nibbles[:full]].view(-1, bs) * absmax[:full // bs].unsqueeze(1)).view(-1)
+    if full < n:
+        vals = torch.cat([vals, code[nibbles[full:]] * absmax[full // bs]])
+    return vals.to(dtype)
 
 
 def bits_per_parameter(blocksize: int = 64, double_quant: bool = False) -> float:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nf4 import NF4State, codebook, dequantize_nf4, dynamic_map_8bit, quantize_nf4
+from .nf4 import NF4State, codebook, dequantize_nf4, dynamic_map_8bit, quantize_nf4, warm_tables
 
 _QS_KEY = "weight.quant_state.bitsandbytes__"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -64,6 +64,7 @@ class NF4Linear(nn.Module):
         self.state = state  # tensors move with the module (see _apply), never change dtype
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.compute_dtype = compute_dtype
+        warm_tables(state.quant_type, self.weight.device)  # torch.compile then reads them cached
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
@@ -104,6 +105,7 @@ class NF4Linear(nn.Module):
         # learn the target device from a probe; dtype casts (model.half()) never touch the state
         device = fn(torch.empty(0, device=self.weight.device)).device
         self.state = self.state.to(device)
+        warm_tables(self.state.quant_type, device)
         return self
 
     # ------------------------------------------------------------------ bitsandbytes key layout
