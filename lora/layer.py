@@ -19,6 +19,12 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 
+# base types whose forward returns a newly allocated tensor that nothing saves for backward
+# (not NF4Linear: its output is a view made inside an autograd.Function, which autograd
+# forbids modifying in place)
+_FRESH_OUTPUT_TYPES = (nn.Linear, Conv1D)
+
+
 def _features(base: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a linear-like module."""
     if isinstance(base, Conv1D):  # weight is stored [in, out]
@@ -146,8 +152,18 @@ class LoRALinear(nn.Module):
             if self.quantized and not torch.is_autocast_enabled(x.device.type):
                 # QLoRA rule: round the LoRA output to the base output dtype before the add
                 lora = lora.to(out_dtype)
-            result = result + lora  # summed in the promoted dtype, rounded once below
+            if lora.dtype == result.dtype and self._owns_base_output():
+                # same dtype: the in-place sum rounds exactly like `result + lora` and saves one
+                # (..., out) allocation; autograd never saves the base output
+                result = result.add_(lora)
+            else:
+                result = result + lora  # summed in the promoted dtype, rounded once below
         return result.to(out_dtype)
+
+    def _owns_base_output(self) -> bool:
+        """Whether the base output is a fresh tensor nobody else holds: a known base type (its
+        forward allocates its output) and no forward hook that could keep a reference to it."""
+        return type(self.base_layer) in _FRESH_OUTPUT_TYPES and not self.base_layer._forward_hooks
 
     def _dora_extra(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """(m/n - 1) * x W^T + (m/n) * s * B(A(x)); x: (..., in), result: base(x) (..., out)."""
