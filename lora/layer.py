@@ -87,8 +87,6 @@ class LoRALinear(nn.Module):
         self.base_layer = base
         self.in_features, self.out_features = in_f, out_f
         self.fan_in_fan_out = isinstance(base, Conv1D)
-        # whether the base is quantized (has `dequantize`); whoever swaps `base_layer` updates it
-        self.quantized = _is_quantized(base)
         self.r, self.alpha, self.use_rslora, self.use_dora = r, alpha, use_rslora, use_dora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
@@ -118,6 +116,11 @@ class LoRALinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The base layer's weight (some model code reads ``proj.weight``)."""
         return self.base_layer.weight
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the current base is quantized (derived, so swapping ``base_layer`` needs no bookkeeping)."""
+        return _is_quantized(self.base_layer)
 
     @property
     def bias(self) -> Optional[torch.Tensor]:

@@ -71,13 +71,6 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
-def _swap(parent: nn.Module, attr: str, new: nn.Module) -> None:
-    """Set ``parent.attr = new``; a LoRALinear wrapper learns whether its base is quantized."""
-    setattr(parent, attr, new)
-    if attr == "base_layer" and isinstance(getattr(parent, "quantized", None), bool):
-        parent.quantized = isinstance(new, NF4Linear)
-
-
 def quantize_model(model: nn.Module, skip: Sequence[str] = ("lm_head",), blocksize: int = 64,
                    double_quant: bool = True, compute_dtype: Optional[torch.dtype] = None,
                    quant_type: str = "nf4", rounding: str = "auto",
@@ -110,7 +103,7 @@ def quantize_model(model: nn.Module, skip: Sequence[str] = ("lm_head",), blocksi
                 _load_params(module, name, reader)
             done[id(module)] = NF4Linear.from_linear(module, blocksize, double_quant,
                                                      compute_dtype, quant_type, rounding)
-        _swap(parent, attr, done[id(module)])  # the dense weight is freed here
+        setattr(parent, attr, done[id(module)])  # the dense weight is freed here
         del module
     if reader is not None:  # everything that stayed dense
         for name, module in model.named_modules():
@@ -169,7 +162,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
     for name, module in list(model.named_modules()):
         if isinstance(module, NF4Linear):
             parent, attr = _parent(model, name)
-            _swap(parent, attr, module.to_linear(dtype))
+            setattr(parent, attr, module.to_linear(dtype))
     return model
 
 
@@ -261,7 +254,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike,
         bias = sd.get(name + ".bias")
         layer = NF4Linear(sd[name + ".weight"], state, bias, compute_dtype)
         parent, attr = _parent(model, name)
-        _swap(parent, attr, layer)
+        setattr(parent, attr, layer)
     result = model.load_state_dict(sd, strict=False, assign=True)
     _materialize_leftovers(model, device)
     missing = [k for k in result.missing_keys]
