@@ -9,15 +9,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_write, atomic_write_text
 from .config import ALL_LINEAR, LoRAConfig
 from .inject import _wrappers, adapter_tensors, add_lora, lora_state, remove_lora
 from .heads import TrainedCopy
@@ -39,21 +39,47 @@ _UNSUPPORTED = {
 }
 
 
+_STR, _NONE, _BOOL, _LIST, _DICT = (str,), (type(None),), (bool,), (list,), (dict,)
+# JSON types of the adapter_config.json keys this package reads, as peft writes them (a string
+# "false" is not a boolean: bool("false") would be True)
+_FIELD_TYPES = {
+    "peft_type": _STR, "task_type": _STR + _NONE, "base_model_name_or_path": _STR + _NONE,
+    "revision": _STR + _NONE, "peft_version": _STR + _NONE, "inference_mode": _BOOL,
+    "r": (int,), "lora_alpha": (int, float), "lora_dropout": (int, float),
+    "target_modules": _STR + _LIST + _NONE, "use_rslora": _BOOL, "use_dora": _BOOL, "bias": _STR,
+    "modules_to_save": _LIST + _NONE, "fan_in_fan_out": _BOOL, "init_lora_weights": _BOOL + _STR,
+    "layers_pattern": _STR + _LIST + _NONE, "loftq_config": _DICT,
+}
+_JSON_NAMES = {str: "string", type(None): "null", bool: "boolean", int: "integer", float: "number",
+               list: "list", dict: "object"}
+
+
+def check_field_types(raw: dict[str, Any], where: str) -> None:
+    """Raise a ValueError naming every key of ``raw`` whose JSON type is not the one peft writes."""
+    bad = []
+    for key, allowed in _FIELD_TYPES.items():
+        if key in raw and type(raw[key]) not in allowed:  # exact types: True is not an integer here
+            want = " or ".join(_JSON_NAMES[t] for t in allowed)
+            bad.append(f"{key}={raw[key]!r} (a JSON {_JSON_NAMES.get(type(raw[key]), type(raw[key]).__name__)}, "
+                       f"expected {want})")
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(raw.get(key), list) and not all(isinstance(x, str) for x in raw[key]):
+            bad.append(f"{key}={raw[key]!r} (expected a list of strings)")
+    if bad:
+        raise ValueError(f"{where}: wrong value type(s): {'; '.join(bad)}")
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Raise a ValueError naming the tensors that hold NaN or infinite values."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{where}: tensor(s) {sorted(bad)} hold NaN or infinite values; the adapter is "
+                         f"broken (pass check_finite=False to load it anyway)")
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors (detached), keyed like peft's file without ``base_model.model.``."""
     return {k: p.detach() for k, p in adapter_tensors(model).items()}
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _task_type(model: nn.Module) -> Union[str, None]:
@@ -104,8 +130,8 @@ def save_lora(model: nn.Module, folder: Union[str, os.PathLike]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {PREFIX + k: v.to("cpu").clone().contiguous() for k, v in lora_state_dict(model).items()}
     text = json.dumps(peft_config_dict(model), indent=2, sort_keys=True) + "\n"
-    _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write_text(folder / CONFIG_NAME, text)
     return folder
 
 
@@ -115,13 +141,17 @@ def config_from_peft(raw: dict[str, Any], where: str = "adapter_config.json") ->
     if kind != "LORA":
         raise ValueError(f"{where}: peft_type={kind!r}, this folder is not a LoRA adapter "
                          f"(expected peft_type 'LORA')")
+    check_field_types(raw, where)
     for key, neutral in _UNSUPPORTED.items():
         if raw.get(key) not in neutral:
             raise ValueError(f"{where}: {key}={raw[key]!r} is not supported by lora (expected one of {neutral})")
-    return LoRAConfig(r=raw.get("r", 8), alpha=raw.get("lora_alpha", 8), dropout=raw.get("lora_dropout", 0.0),
-                      target_modules=raw.get("target_modules"), use_rslora=bool(raw.get("use_rslora", False)),
-                      use_dora=bool(raw.get("use_dora", False)), bias=raw.get("bias", "none"),
-                      modules_to_save=tuple(raw.get("modules_to_save") or ()))
+    try:
+        return LoRAConfig(r=raw.get("r", 8), alpha=raw.get("lora_alpha", 8), dropout=raw.get("lora_dropout", 0.0),
+                          target_modules=raw.get("target_modules"), use_rslora=raw.get("use_rslora", False),
+                          use_dora=raw.get("use_dora", False), bias=raw.get("bias", "none"),
+                          modules_to_save=tuple(raw.get("modules_to_save") or ()))
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -130,7 +160,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"adapter folder {folder} has no {CONFIG_NAME}")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err})") from err
     if not isinstance(raw, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
@@ -147,12 +177,20 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
 
 
-def read_adapter(folder: Union[str, os.PathLike]) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+def read_adapter(folder: Union[str, os.PathLike],
+                 check_finite: bool = True) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
     """(config, tensors) of a LoRA adapter folder (ours or peft's), with clear errors for missing
-    or corrupt files, other methods and unsupported options. The config is checked first."""
+    or corrupt files, wrong JSON types, other methods, unsupported options and (unless
+    ``check_finite=False``) NaN/inf tensors. The config is checked first."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder {folder} does not exist (expected {CONFIG_NAME} and "
+                                f"{WEIGHTS_NAME} in it)")
     config = config_from_peft(_read_config(folder), where=str(folder / CONFIG_NAME))
-    return config, _read_tensors(folder)
+    tensors = _read_tensors(folder)
+    if check_finite:
+        _check_finite(tensors, str(folder / WEIGHTS_NAME))
+    return config, tensors
 
 
 def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: str = "adapter") -> None:
@@ -182,21 +220,33 @@ def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], whe
             param.copy_(given[key])
 
 
-def load_lora(model: nn.Module, folder: Union[str, os.PathLike]) -> nn.Module:
+def load_lora(model: nn.Module, folder: Union[str, os.PathLike], check_finite: bool = True) -> nn.Module:
     """Load an adapter folder (ours or peft's) into ``model``.
 
     On a plain base model the folder's config is applied with ``add_lora`` first; on a model
     that already has LoRA only the weights are loaded. On any error the model is left unchanged.
+    A model whose LoRA is merged is refused (the loaded delta would not reach the weights, and a
+    later unmerge would subtract one they never held): ``unmerge_lora`` it first.
+
+    Args:
+        model: a plain base model, or one with (unmerged) LoRA.
+        folder: the adapter folder.
+        check_finite: refuse tensors holding NaN or inf (False loads them anyway).
 
     Returns:
         The same ``model`` object.
 
     Raises:
         FileNotFoundError, ValueError: missing files, a truncated/corrupt safetensors file, a
-            folder of another method, unsupported options, missing/unexpected keys or shapes.
+            folder of another method, unsupported options, missing/unexpected keys or shapes,
+            non-finite tensors, a merged model.
     """
-    config, tensors = read_adapter(folder)
+    config, tensors = read_adapter(folder, check_finite=check_finite)
     if hasattr(model, "_lora_state"):
+        merged = [n for n, m in _wrappers(model) if isinstance(m, LoRALinear) and m.merged]
+        if merged:
+            raise ValueError(f"cannot load {folder} into a model whose LoRA is merged into the base weights "
+                             f"({len(merged)} layers, e.g. {merged[0]}); call unmerge_lora(model) first")
         have = lora_state(model).config
         diff = [f"{f}: model {getattr(have, f)!r} vs folder {getattr(config, f)!r}"
                 for f in ("r", "alpha", "use_rslora", "use_dora", "bias") if getattr(have, f) != getattr(config, f)]
