@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_write, write_json_atomic
 from .config import ModelConfig
 
 __all__ = ["build_adapted", "save_adapted", "load_adapted", "count_trainable", "adapter_bytes",
@@ -72,8 +72,8 @@ def _build(backbone: torch.nn.Module, cfg: ModelConfig, task: str, tokenizer) ->
     if method in ("prompt", "ptuning"):
         from softprompt import PromptConfig, PromptModel
         pcfg = PromptConfig(method=method, n_virtual=cfg.n_virtual,
-                            init=cfg.prompt_init if method == "prompt" else "random",
-                            init_text=cfg.prompt_init_text if cfg.prompt_init == "text" and method == "prompt" else None,
+                            init=cfg.prompt_init,  # P-Tuning: initialises the encoder's input table
+                            init_text=cfg.prompt_init_text if cfg.prompt_init == "text" else None,
                             encoder=cfg.encoder, encoder_hidden=cfg.encoder_hidden or None,
                             pool=cfg.prompt_pool if task == "seq_cls" else "backbone")
         return PromptModel(backbone, pcfg, tokenizer=tokenizer, task=task)
@@ -92,18 +92,6 @@ def _build(backbone: torch.nn.Module, cfg: ModelConfig, task: str, tokenizer) ->
     raise ValueError(f"method={method!r}; expected prompt, ptuning, lora, qlora or head")
 
 
-def _atomic_save(tensors: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_adapted(model: torch.nn.Module, method: str, folder: Path) -> Path:
     """Write the method's adapter folder (safetensors + JSON) and return it."""
     folder = Path(folder)
@@ -112,8 +100,7 @@ def save_adapted(model: torch.nn.Module, method: str, folder: Path) -> Path:
         name = head_name(model)
         tensors = {f"{name}.{k}": v.detach().cpu().contiguous()
                    for k, v in getattr(model, name).state_dict().items()}
-        _atomic_save(tensors, folder / HEAD_WEIGHTS)
-        from .checkpoint import write_json_atomic
+        atomic_write(folder / HEAD_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         write_json_atomic(folder / HEAD_CONFIG, {"method": "head", "head": name})
     elif method in ("prompt", "ptuning"):
         from softprompt import save_prompt
@@ -126,14 +113,41 @@ def save_adapted(model: torch.nn.Module, method: str, folder: Path) -> Path:
     return folder
 
 
-def load_adapted(backbone: torch.nn.Module, method: str, folder: Path) -> torch.nn.Module:
-    """Rebuild the adapted model from a fresh ``backbone`` and a folder from ``save_adapted``."""
+def _read_head(folder: Path, check_finite: bool) -> tuple[dict, str]:
+    """(tensors, head attribute name) of a head adapter folder; errors name the bad file."""
+    weights, config = folder / HEAD_WEIGHTS, folder / HEAD_CONFIG
+    for path in (weights, config):
+        if not path.is_file():
+            raise FileNotFoundError(f"adapter folder {folder} has no {path.name}")
+    try:
+        tensors = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{config} is not valid JSON ({err})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("head"), str):
+        raise ValueError(f"{config}: expected an object with a string 'head' field, got {raw!r}")
+    broken = sorted(k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if check_finite and broken:
+        raise ValueError(f"{weights}: tensor(s) {broken} hold NaN or infinite values; the adapter is broken "
+                         "(pass check_finite=False to load it anyway)")
+    return tensors, raw["head"]
+
+
+def load_adapted(backbone: torch.nn.Module, method: str, folder: Path, check_finite: bool = True) -> torch.nn.Module:
+    """Rebuild the adapted model from a fresh ``backbone`` and a folder from ``save_adapted``.
+
+    ``check_finite=False`` loads adapters holding NaN/inf tensors (refused by default).
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder {folder} does not exist")
     if method == "head":
-        tensors = load_file(folder / HEAD_WEIGHTS)
-        name = json.loads((folder / HEAD_CONFIG).read_text())["head"]
+        tensors, name = _read_head(folder, check_finite)
+        if not isinstance(getattr(backbone, name, None), torch.nn.Module):
+            raise ValueError(f"{folder / HEAD_CONFIG}: head={name!r} is not a module of {type(backbone).__name__}")
         head = getattr(backbone, name)
         own = {f"{name}.{k}" for k in head.state_dict()}
         if own != set(tensors):
@@ -142,16 +156,17 @@ def load_adapted(backbone: torch.nn.Module, method: str, folder: Path) -> torch.
         return backbone
     if method in ("prompt", "ptuning"):
         from softprompt import load_prompt
-        return load_prompt(backbone, folder)
+        return load_prompt(backbone, folder, check_finite=check_finite)
     if method in ("lora", "qlora"):
         import lora
         if method == "qlora":
-            raw = json.loads((folder / "adapter_config.json").read_text())
+            config, _ = lora.io.read_adapter(folder, check_finite=check_finite)  # clear errors before quantizing
+            raw = {"modules_to_save": list(config.modules_to_save)}
             heads = tuple(h for h in (raw.get("modules_to_save") or []) if hasattr(backbone, h))
             dtype = next(backbone.parameters()).dtype
             lora.quantize_model(backbone, skip=heads or ("lm_head",),
                                 compute_dtype=None if dtype == torch.float32 else dtype)
-        return lora.load_lora(backbone, folder)
+        return lora.load_lora(backbone, folder, check_finite=check_finite)
     raise ValueError(f"method={method!r}; expected prompt, ptuning, lora, qlora or head")
 
 

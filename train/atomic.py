@@ -12,14 +12,24 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Union
 
-__all__ = ["atomic_write", "atomic_write_text", "write_json_atomic", "fsync_dir", "default_mode"]
+__all__ = ["atomic_write", "atomic_write_text", "write_json_atomic", "fsync_dir", "default_mode",
+           "default_dir_mode"]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def default_mode() -> int:
     """0o666 minus the process umask: the mode ``open(path, "w")`` creates files with."""
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return 0o666 & ~mask
+    return 0o666 & ~_umask()
+
+
+def default_dir_mode() -> int:
+    """0o777 minus the process umask: the mode ``mkdir`` creates folders with."""
+    return 0o777 & ~_umask()
 
 
 def fsync_dir(folder: Union[str, os.PathLike]) -> None:

@@ -68,7 +68,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             raise ValueError(f"--config {args.config}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"--config {args.config}: expected a JSON object with model/data/loop sections")
-        RunConfig.from_dict(loaded)  # names unknown sections and fields
+        try:
+            RunConfig.from_dict(loaded)  # names unknown sections and fields, wrong types
+        except ValueError as e:
+            raise ValueError(f"--config {args.config}: {e}") from None
         for k, v in loaded.items():
             base[k].update(v)
     for group_name, klass in _GROUPS:
@@ -110,13 +113,21 @@ def _load_run(run_dir: Path):
     cfg_path = run_dir / RUN_CONFIG
     if not cfg_path.is_file() or not (run_dir / "adapter").is_dir():
         raise FileNotFoundError(f"{run_dir} is not a finished run folder (needs {RUN_CONFIG} and adapter/)")
-    raw = json.loads(cfg_path.read_text())
-    raw.pop("effective_lr", None)
-    cfg = RunConfig.from_dict(raw)
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise ValueError("expected a JSON object")
+        raw.pop("effective_lr", None)
+        raw.pop("fingerprint", None)
+        cfg = RunConfig.from_dict(raw)
+    except (ValueError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{cfg_path}: {e}") from None
     p = prepare(cfg)
     from .loop import resolve_device
     from .run import BASE_DTYPES
+    from .run import name_model
     backbone = load_backbone(p.folder, p.task, num_labels=cfg.data.num_labels, dtype=BASE_DTYPES[cfg.model.base_dtype])
+    name_model(backbone, cfg.model.model)
     backbone.to(resolve_device(cfg.loop.device))
     model = adapters.load_adapted(backbone, cfg.model.method, run_dir / "adapter")
     return cfg, p, model.eval()
@@ -179,7 +190,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "demo":
             from .demo import run_demo
             run_demo(out=args.out, full=args.full, only=args.only)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: FileNotFound, FileExists, a full disk...
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

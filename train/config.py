@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -34,14 +35,54 @@ def _check(ok: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+# a field's annotation -> the Python (JSON) types its value may have; bool is never an int here
+_KINDS = {"str": ((str,), "a string"), "int": ((int,), "an integer"), "float": ((int, float), "a number"),
+          "bool": ((bool,), "true or false"), "tuple": ((tuple, list), "a list of strings"),
+          "Optional[float]": ((int, float, type(None)), "a number or null")}
+
+
+def _check_types(obj) -> None:
+    """Reject a value of the wrong type (e.g. ``lora_r="8"`` from a JSON file), naming the field."""
+    for f in dataclasses.fields(obj):
+        kind = _KINDS.get(str(f.type))
+        if kind is None:
+            continue
+        allowed, text = kind
+        value = getattr(obj, f.name)
+        ok = isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
+        if ok and allowed == (tuple, list):
+            ok = all(isinstance(v, str) for v in value)
+        _check(ok, f"{f.name}={value!r} ({type(value).__name__}); expected {text}")
+
+
+# method-specific fields -> the methods that read them; a changed value under another method
+# would be silently ignored, so it is an error
+_USED_BY = {
+    "n_virtual": ("prompt", "ptuning"), "prompt_init": ("prompt", "ptuning"),
+    "prompt_init_text": ("prompt", "ptuning"), "prompt_pool": ("prompt", "ptuning"),
+    "encoder": ("ptuning",), "encoder_hidden": ("ptuning",),
+    "lora_r": ("lora", "qlora"), "lora_alpha": ("lora", "qlora"), "lora_dropout": ("lora", "qlora"),
+    "target_modules": ("lora", "qlora"),
+}
+
+
+def _check_used(cfg) -> None:
+    for f in dataclasses.fields(cfg):
+        users = _USED_BY.get(f.name)
+        value = getattr(cfg, f.name)
+        if users and cfg.method not in users and value != f.default:
+            raise ValueError(f"{f.name}={value!r} is only used by method {' or '.join(users)}; method "
+                             f"{cfg.method!r} would ignore it (drop the option or change the method)")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     method: str = "lora"            # prompt | ptuning | lora | qlora | head (classifier head only)
     model: str = "minilm"           # bundled name (minilm, smollm2) or a local Hugging Face folder
     base_dtype: str = "fp32"        # dtype of the frozen base weights: fp32 | bf16 | fp16 (adapters stay fp32)
     n_virtual: int = 20             # prompt / ptuning: number of virtual tokens
-    prompt_init: str = "random"     # prompt: random | text | vocab
-    prompt_init_text: str = ""      # prompt with prompt_init=text: the text whose embeddings seed the table
+    prompt_init: str = "random"     # prompt / ptuning: random | text | vocab (ptuning: the encoder's input table)
+    prompt_init_text: str = ""      # prompt_init=text: the text whose embeddings seed the table
     encoder: str = "mlp"            # ptuning: mlp | lstm reparameterization
     encoder_hidden: int = 0         # ptuning: encoder width; 0 means the model's hidden size
     prompt_pool: str = "backbone"   # prompt / ptuning classifiers: backbone (peft: pools the first virtual token) | real_cls
@@ -51,6 +92,7 @@ class ModelConfig:
     target_modules: tuple = ()      # lora / qlora: module names; empty -> the registry default
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.method in METHODS, f"method={self.method!r}; expected one of {METHODS}")
         _check(bool(self.model), "model is empty; expected a bundled name or a folder")
         _check(self.base_dtype in PRECISIONS, f"base_dtype={self.base_dtype!r}; expected one of {PRECISIONS}")
@@ -66,7 +108,11 @@ class ModelConfig:
         _check(self.lora_r > 0, f"lora_r={self.lora_r}; expected > 0")
         _check(self.lora_alpha > 0, f"lora_alpha={self.lora_alpha}; expected > 0")
         _check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout}; expected in [0, 1)")
+        _check(self.prompt_init == "text" or not self.prompt_init_text,
+               f"prompt_init_text={self.prompt_init_text!r} is only used with prompt_init='text', "
+               f"got prompt_init={self.prompt_init!r}")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        _check_used(self)
 
 
 @dataclass(frozen=True)
@@ -83,6 +129,7 @@ class DataConfig:
     max_eval: int = 0               # evaluate on at most this many held-out examples (0 = all)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(bool(self.data), "data is empty; expected a bundled name or a file path")
         _check(self.task in TASKS, f"task={self.task!r}; expected one of {TASKS}")
         _check(self.max_length > 1, f"max_length={self.max_length}; expected > 1")
@@ -117,6 +164,7 @@ class LoopConfig:
     progress: bool = True           # show a tqdm progress bar on rank 0
 
     def __post_init__(self) -> None:
+        _check_types(self)
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value > 0, f"{name}={value!r}; expected an integer > 0")
@@ -130,7 +178,7 @@ class LoopConfig:
         _check(self.max_grad_norm >= 0, f"max_grad_norm={self.max_grad_norm}; expected >= 0")
         _check(self.eval_every >= 0, f"eval_every={self.eval_every}; expected >= 0")
         _check(self.save_every >= 0, f"save_every={self.save_every}; expected >= 0")
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
                f"device={self.device!r}; expected auto, cpu, cuda or cuda:N")
 
 
@@ -152,11 +200,14 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         """Build from ``to_dict`` output; unknown groups or fields raise a ValueError naming them."""
+        _check(isinstance(d, dict), f"a run config is a JSON object with model/data/loop sections, got {d!r}")
         unknown = set(d) - {"model", "data", "loop"}
         _check(not unknown, f"unknown config section(s) {sorted(unknown)}; expected model, data, loop")
         parts = {}
         for name, klass in (("model", ModelConfig), ("data", DataConfig), ("loop", LoopConfig)):
             section = d.get(name, {})
+            _check(isinstance(section, dict),
+                   f"config section {name!r} is {section!r} ({type(section).__name__}); expected a JSON object of fields")
             fields = {f.name for f in dataclasses.fields(klass)}
             bad = set(section) - fields
             _check(not bad, f"unknown field(s) {sorted(bad)} in section {name!r}; expected some of {sorted(fields)}")

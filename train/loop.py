@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
-from .checkpoint import latest_checkpoint, load_checkpoint, named_trainable, save_checkpoint
+from .atomic import atomic_write_text
+from .checkpoint import latest_checkpoint, load_checkpoint, named_trainable, remove_orphans, save_checkpoint
 from .config import LoopConfig
 from .plot import plot_loss, read_metrics
 from .schedule import lr_factor
@@ -52,12 +53,22 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> this process's CUDA device when available (LOCAL_RANK under torchrun), else CPU."""
+    """``auto`` -> this process's CUDA device when available (LOCAL_RANK under torchrun), else CPU.
+
+    Raises:
+        ValueError: a CUDA device is asked for and this machine has none (or not that index).
+    """
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def label_count(batch: dict) -> int:
@@ -128,6 +139,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
     main = rank == 0
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_orphans(run_dir)  # temp folders/files of writes a kill interrupted
 
     # -- seeds, model, optimizer over trainable parameters only -----------------------------
     torch.manual_seed(cfg.seed)
@@ -154,7 +166,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
         return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
     # -- resume --------------------------------------------------------------------------------
-    start = 0
+    start, window = 0, []
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
         folder = latest_checkpoint(run_dir)
@@ -168,12 +180,10 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start = state["step"]
+        window = list(state.get("window", []))  # losses of the log window the checkpoint cut
         if main and metrics_path.is_file():  # drop log lines written after the checkpoint
-            keep = [ln for ln in metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["step"] <= start]
-            tmp = metrics_path.with_name(metrics_path.name + ".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            os.replace(tmp, metrics_path)
+            keep = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= start]
+            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
     elif main and metrics_path.exists():
         metrics_path.unlink()
 
@@ -187,8 +197,8 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
     def checkpoint(step: int) -> Optional[Path]:
         path = None
         if main:
-            path = save_checkpoint(run_dir, step, model, optimizer,
-                                   scaler.state_dict() if scaler else None, extra, write_adapter)
+            path = save_checkpoint(run_dir, step, model, optimizer, scaler.state_dict() if scaler else None,
+                                   {**extra, "window": list(window)}, write_adapter)
         if world > 1:
             dist.barrier()
         return path
@@ -200,7 +210,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
     except ImportError:  # tqdm is a dependency; keep the loop usable without it
         bar = None
     epochs: dict[int, list[list[int]]] = {}
-    window, step_times, last_ckpt = [], [], None
+    step_times, last_ckpt = [], None
     net.train()
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
