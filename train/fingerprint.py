@@ -15,7 +15,7 @@ __all__ = ["file_sha256", "run_fingerprint", "RESUME_FREE_LOOP_FIELDS", "resume_
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".h5", ".msgpack")
 _TOKENIZER_PREFIXES = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "spiece")
 # loop fields that do not change the numbers: a resumed run may use other values
-RESUME_FREE_LOOP_FIELDS = ("device", "progress", "save_every", "eval_every")
+RESUME_FREE_LOOP_FIELDS = ("device", "progress", "save_every", "eval_every", "log")
 
 
 def file_sha256(path: Path) -> str:
