@@ -122,9 +122,15 @@ def read_records(path: Path, num_labels: int = 2) -> list[dict]:
             records = _read_instructions(path)
         else:
             raise DataError(f"{path}: unknown suffix {path.suffix!r}; expected .csv, .json or .jsonl")
-    except UnicodeDecodeError as e:  # e.g. a Latin-1 file: say so rather than guess an encoding
-        raise DataError(f"{path}: byte {e.object[e.start:e.start + 1]!r} at offset {e.start} is not UTF-8; "
-                        f"expected a UTF-8 file (convert it, e.g. iconv -f latin1 -t utf-8)") from None
+    except UnicodeDecodeError:  # e.g. a Latin-1 file: say where, rather than guess an encoding
+        raw = path.read_bytes()
+        try:
+            raw.decode("utf-8")
+            raise
+        except UnicodeDecodeError as e:  # offsets in the whole file, not in a decoder chunk
+            line = raw[:e.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: byte {raw[e.start:e.start + 1]!r} at offset {e.start} is not UTF-8; "
+                            f"expected a UTF-8 file (convert it, e.g. iconv -f latin1 -t utf-8)") from None
     if not records:
         raise DataError(f"{path}: the file holds no records")
     return records
