@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import default_dir_mode, fsync_dir, write_json_atomic
+from .atomic import default_dir_mode, default_mode, fsync_dir, write_json_atomic
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "read_state", "remove_orphans",
            "write_json_atomic", "named_trainable", "CheckpointWriteError"]
@@ -43,8 +43,10 @@ class CheckpointWriteError(RuntimeError):
 
 
 def _fsync_tree(folder: Path) -> None:
+    """Give every file under ``folder`` the ordinary mode and flush files and folders to disk."""
     for path in sorted(folder.rglob("*")):
         if path.is_file():
+            os.chmod(path, default_mode())  # safetensors creates 0600 files
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.fsync(fd)
