@@ -10,10 +10,10 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
-__all__ = ["file_sha256", "run_fingerprint", "RESUME_FREE_LOOP_FIELDS", "resume_differences"]
+__all__ = ["file_sha256", "sampled_sha256", "run_fingerprint", "RESUME_FREE_LOOP_FIELDS", "resume_differences"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".h5", ".msgpack")
-_TOKENIZER_PREFIXES = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "spiece")
+_TOKENIZER_PREFIXES = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "spiece", "chat_template")
 # loop fields that do not change the numbers: a resumed run may use other values
 RESUME_FREE_LOOP_FIELDS = ("device", "progress", "save_every", "eval_every", "log")
 
@@ -27,8 +27,28 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _folder_files(folder: Path, keep) -> dict[str, str]:
-    return {p.name: file_sha256(p) for p in sorted(Path(folder).iterdir()) if p.is_file() and keep(p.name)}
+_FULL_HASH_LIMIT = 64 << 20  # files up to 64 MiB are hashed whole
+_SAMPLES, _SAMPLE_BYTES = 64, 1 << 16
+
+
+def sampled_sha256(path: Path) -> str:
+    """sha256 of a file up to 64 MiB; above that, of its size, first 1 MiB (a safetensors header
+    with every name, shape and offset) and 64 evenly spaced 64 KiB chunks: other weights of the
+    same shapes differ in every chunk, and a 14 GB checkpoint is fingerprinted in milliseconds."""
+    size = Path(path).stat().st_size
+    if size <= _FULL_HASH_LIMIT:
+        return file_sha256(path)
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        for i in range(_SAMPLES):
+            f.seek((size - _SAMPLE_BYTES) * i // (_SAMPLES - 1))
+            h.update(f.read(_SAMPLE_BYTES))
+    return "sampled:" + h.hexdigest()
+
+
+def _folder_files(folder: Path, keep, digest=file_sha256) -> dict[str, str]:
+    return {p.name: digest(p) for p in sorted(Path(folder).iterdir()) if p.is_file() and keep(p.name)}
 
 
 def run_fingerprint(cfg, folder: Path, tokenizer, template: str) -> dict:
@@ -49,7 +69,7 @@ def run_fingerprint(cfg, folder: Path, tokenizer, template: str) -> dict:
             if path.is_file():
                 data[f"{f.name}_sha256"] = file_sha256(path)
     model = {"config.json": file_sha256(Path(folder) / "config.json"),
-             **_folder_files(folder, lambda n: n.endswith(_WEIGHT_SUFFIXES))}
+             **_folder_files(folder, lambda n: n.endswith(_WEIGHT_SUFFIXES), sampled_sha256)}
     tok = _folder_files(folder, lambda n: n.startswith(_TOKENIZER_PREFIXES))
     tok.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                bos_token_id=getattr(tokenizer, "bos_token_id", None))
@@ -81,4 +101,4 @@ def resume_differences(saved_run: dict, saved_fp: dict, run: dict, fp: dict) -> 
 
 
 def _short(value):
-    return value[:12] + "…" if isinstance(value, str) and len(value) == 64 else repr(value)
+    return value[-64:][:12] + "…" if isinstance(value, str) and len(value) >= 64 else repr(value)

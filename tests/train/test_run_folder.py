@@ -220,3 +220,19 @@ def test_ptuning_honours_a_text_init(folders):
     ids = tok("hello world")["input_ids"]
     want = backbone.get_input_embeddings().weight[torch.tensor((ids * 3)[:3])]
     assert pm.config.init == "text" and torch.equal(pm.table.weight.detach(), want.detach().float())
+
+
+def test_large_weight_files_get_a_sampled_fingerprint(tmp_path, monkeypatch):
+    import train.fingerprint as fp
+    monkeypatch.setattr(fp, "_FULL_HASH_LIMIT", 1 << 20)
+    data = bytearray(os.urandom(8 << 20))
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(bytes(data))
+    first = fp.sampled_sha256(path)
+    assert first.startswith("sampled:") and fp.sampled_sha256(path) == first
+    data[(len(data) - (1 << 16)) * 10 // 63 + 5] ^= 1  # inside the 11th sample: a changed weight is seen
+    path.write_bytes(bytes(data))
+    assert fp.sampled_sha256(path) != first
+    small = tmp_path / "s.bin"
+    small.write_bytes(b"abc")
+    assert fp.sampled_sha256(small) == fp.file_sha256(small)
