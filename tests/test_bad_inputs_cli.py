@@ -268,6 +268,10 @@ CASES = [
      r"is not a finished run folder \(needs config\.json and adapter/\)"),
     ("run-config-corrupt", "run", _run("head", "eval", _write("config.json", "{")), r"head/config\.json: "),
     ("run-config-wrong-type", "run", _run("head", "eval", _edit_loop(steps="3")), r"head/config\.json: steps='3'"),
+    ("generate-beyond-positions", "length", _run("lora", "generate", lambda run: None, "--max-new-tokens", "100"),
+     r"--max-new-tokens 100: with the \d+ prompt tokens this exceeds the model's 64 positions"),
+    ("generate-zero-tokens", "value", _run("lora", "predict", lambda run: None, "--max-new-tokens", "0"),
+     r"--max-new-tokens 0; expected >= 1"),
     ("run-missing", "run", lambda t, f, r: ["eval", str(t / "nowhere")], r"nowhere is not a finished run folder"),
 ]
 CASES = [pytest.param(*c, id=c[0], marks=[NO_CUDA] if c[1] == "device" and "cuda" in c[0] else [])

@@ -141,8 +141,14 @@ def _load_run(run_dir: Path):
 def _predict(args) -> None:
     import torch
     from .data import encode_instruction, format_prompt
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}; expected >= 1")
     cfg, p, model = _load_run(args.run)
     device = next(model.parameters()).device
+    hf = getattr(getattr(model, "backbone", model), "config", None)
+    limit = next((v for v in (getattr(hf, k, None) for k in ("max_position_embeddings", "n_positions"))
+                  if isinstance(v, int) and v > 0), None)
+    virtual = cfg.model.n_virtual if cfg.model.method in ("prompt", "ptuning") else 0
     with torch.no_grad():
         for text in args.texts:
             if p.task == "seq_cls":
@@ -156,6 +162,10 @@ def _predict(args) -> None:
                 rec = {"instruction": cfg.data.instruction, "input": text, "output": ""}
             ids = encode_instruction(p.tokenizer, rec, cfg.data.max_length)["input_ids"]
             prompt = torch.tensor([ids[:-1]], device=device)  # drop the eos of the empty answer
+            if limit is not None and virtual + prompt.shape[1] + args.max_new_tokens > limit:
+                raise ValueError(f"--max-new-tokens {args.max_new_tokens}: with the {prompt.shape[1]} prompt tokens"
+                                 f"{f' and {virtual} virtual tokens' if virtual else ''} this exceeds the model's "
+                                 f"{limit} positions; use --max-new-tokens {limit - virtual - prompt.shape[1]} or less")
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.max_new_tokens,
                                  do_sample=False, pad_token_id=p.tokenizer.pad_token_id)
             answer = p.tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
