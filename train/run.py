@@ -110,6 +110,7 @@ def prepare(cfg: RunConfig) -> Prepared:
         raise ValueError(f"prompt_pool={cfg.model.prompt_pool!r} chooses a classifier's pooling; "
                          f"task={task!r} has no classifier and would ignore it")
     tokenizer = load_tokenizer(folder)
+    tokenizer.name_or_path = cfg.model.model  # adapter configs name it as the user did, not the cache path
     train_recs, held_recs = split_records(records, cfg.data.eval_fraction, cfg.loop.seed)
     if cfg.data.max_train:
         train_recs = train_recs[:cfg.data.max_train]

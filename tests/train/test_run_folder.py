@@ -190,9 +190,15 @@ def test_disk_full_during_a_checkpoint_is_one_error_and_the_run_resumes(folders,
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
 
 
+def _bundled(monkeypatch, folders):
+    """``--model llama`` resolves like a bundled name: to a folder elsewhere (a cache)."""
+    import train.run
+    real = train.run.resolve_model
+    monkeypatch.setattr(train.run, "resolve_model", lambda n: folders / "tiny-llama" if n == "llama" else real(n))
+
+
 def test_files_get_ordinary_modes_and_configs_name_the_model_as_given(folders, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    shutil.copytree(folders / "tiny-llama", tmp_path / "llama")
+    _bundled(monkeypatch, folders)
     out = tmp_path / "run"
     assert main(train_argv(out, "--model", "llama", "--data", str(folders / "chat.jsonl"), "--max-length", "32",
                            "--method", "lora")) == 0
@@ -201,6 +207,17 @@ def test_files_get_ordinary_modes_and_configs_name_the_model_as_given(folders, t
         assert p.stat().st_mode & 0o777 == want, (p, oct(p.stat().st_mode))
     for folder in (out / "adapter", out / "checkpoints" / "step-00000003" / "adapter"):
         assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "llama"
+
+
+def test_text_init_records_the_tokenizer_as_named(folders, tmp_path, monkeypatch):
+    _bundled(monkeypatch, folders)
+    out = tmp_path / "run"
+    assert main(train_argv(out, "--model", "llama", "--data", str(folders / "chat.jsonl"), "--max-length", "32",
+                           "--method", "prompt", "--n-virtual", "4", "--prompt-init", "text",
+                           "--prompt-init-text", "hello world")) == 0
+    raw = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert raw["prompt_tuning_init"] == "TEXT" and raw["tokenizer_name_or_path"] == "llama"
+    assert raw["base_model_name_or_path"] == "llama"
 
 
 def test_soft_prompt_classifier_on_a_decoder_trains_on_left_padding(folders, tmp_path):
