@@ -25,7 +25,7 @@ from .base import AdapterLayer
 from .config import ALL_LINEAR, TargetSpec, _check_names, _check_targets
 from .inject import check_no_adapter, inject
 from .layer import _features
-from .targets import IA3_DEFAULT_TARGETS, IA3_FEEDFORWARD, LINEAR_TYPES, resolve_heads, resolve_targets
+from .targets import IA3_DEFAULT_TARGETS, IA3_FEEDFORWARD, resolve_heads, resolve_targets
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ def add_ia3(model: nn.Module, config: IA3Config) -> nn.Module:
         raise TypeError(f"add_ia3 expects an IA3Config, got {type(config).__name__}")
     check_no_adapter(model)
     heads = resolve_heads(model, config.modules_to_save)
-    targets = resolve_targets(model, config.target_modules, exclude=heads, types=LINEAR_TYPES,
+    targets = resolve_targets(model, config.target_modules, exclude=heads, embeddings=False,
                               registry=IA3_DEFAULT_TARGETS, what="IA3")
     ff = _feedforward_spec(model, config)
     return inject(model, config, targets, lambda name, base: IA3Layer(base, is_feedforward(name, ff)), heads)

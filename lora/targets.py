@@ -141,7 +141,7 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 
 def resolve_targets(model: nn.Module, spec: Union[None, str, tuple[str, ...]],
-                    exclude: Sequence[str] = (), types: tuple[type, ...] = LORA_TYPES,
+                    exclude: Sequence[str] = (), embeddings: bool = True,
                     registry: Optional[dict[str, tuple[str, ...]]] = None, what: str = "LoRA",
                     layers: Union[None, int, Sequence[int]] = None,
                     layers_pattern: Union[None, str, Sequence[str]] = None) -> list[str]:
@@ -151,7 +151,8 @@ def resolve_targets(model: nn.Module, spec: Union[None, str, tuple[str, ...]],
         model: the base model (no adapter yet).
         spec: ``target_modules`` of the method's config.
         exclude: module names whose subtrees are never targets (``modules_to_save`` heads).
-        types: the module classes the method can wrap ("all-linear" still takes linear-like only).
+        embeddings: whether ``nn.Embedding`` modules can be wrapped besides ``LINEAR_TYPES``
+            (LoRA: yes; "all-linear" still takes linear-like modules only).
         registry: per-model defaults used when ``spec`` is None (``DEFAULT_TARGETS`` by default).
         what: the method name used in error messages.
         layers, layers_pattern: keep only modules in these layer indices (see ``in_layers``);
@@ -164,6 +165,7 @@ def resolve_targets(model: nn.Module, spec: Union[None, str, tuple[str, ...]],
         ValueError: nothing matched (the message lists the wrappable names that exist), or a
             matched module is of another type.
     """
+    types = (*LINEAR_TYPES, nn.Embedding) if embeddings else LINEAR_TYPES
     if spec is None:
         spec = default_targets(getattr(getattr(model, "config", None), "model_type", None), registry, what)
     named = [(n, m) for n, m in model.named_modules() if n and not under_any(n, exclude)]

@@ -74,6 +74,8 @@ def randomize_both(ours, pm, seed: int = 2) -> None:
             value = torch.randn(mine[key].shape, generator=g).to(mine[key].device) * 0.2
             if key.endswith("lora_magnitude_vector"):
                 value = mine[key] * (1 + value)
+            elif key.endswith("ia3_l"):  # IA3 vectors scale around 1
+                value = 1 + value
             mine[key].copy_(value)
             theirs[key].copy_(value)
 
