@@ -23,6 +23,7 @@ from . import ia3
 from .config import ALL_LINEAR, LoRAConfig
 from .inject import _wrappers, adapter_tensors, add_lora, lora_state, remove_lora
 from .heads import TrainedCopy
+from .embedding import LoRAEmbedding
 from .layer import LoRALinear
 from .targets import DEFAULT_TARGETS, resolve_heads
 
@@ -185,6 +186,10 @@ def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], whe
     heads = [n for n, m in _wrappers(model) if isinstance(m, TrainedCopy)]
     inner = tuple(f"{h}.{part}." for h in heads for part in ("modules_to_save", "original_module"))
     given = {k: v for k, v in given.items() if not k.startswith(inner)}
+    # peft also saves the full table of an adapted embedding (<p>.base_layer.weight); like peft,
+    # it is loaded into the base embedding when present
+    optional = {f"{n}.base_layer.weight": m.base_layer.weight for n, m in _wrappers(model) if isinstance(m, LoRAEmbedding)}
+    own = {**own, **{k: w for k, w in optional.items() if k in given}}
     missing = sorted(set(own) - set(given))
     unexpected = sorted(set(given) - set(own))
     shapes = [f"{k}: file {tuple(given[k].shape)} vs model {tuple(own[k].shape)}"
