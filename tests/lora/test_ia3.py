@@ -210,3 +210,24 @@ def test_ia3_zero_vector_cannot_unmerge() -> None:
     merge_lora(model)
     with pytest.raises(ValueError, match="ia3_l has zero entries"):
         unmerge_lora(model)
+
+
+def test_ia3_on_an_nf4_base() -> None:
+    """IA3 trains on a 4-bit base (starts bitwise equal to it), refuses to merge, and removes cleanly."""
+    from lora import NF4Linear, quantize_model
+    model = quantize_model(tiny_causal_lm("llama"), skip=("lm_head",))
+    ids = batch("llama")["input_ids"]
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    originals = dict(model.named_modules())
+    add_ia3(model, IA3Config())
+    layers = [m for m in model.modules() if isinstance(m, IA3Layer)]
+    assert layers and all(isinstance(m.base_layer, NF4Linear) for m in layers)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, base)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(m.ia3_l.grad is not None for m in layers)
+    with pytest.raises(RuntimeError, match="cannot merge IA3Layer into a quantized NF4Linear"):
+        merge_lora(model)
+    remove_lora(model)
+    assert all(m is originals[n] for n, m in model.named_modules())
