@@ -124,7 +124,7 @@ def _quantize(backbone: torch.nn.Module, cfg: Optional[ModelConfig], heads: tupl
     else:
         compute = _NF4_DTYPES[cfg.nf4_compute_dtype]
     lora.quantize_model(backbone, skip=skip, blocksize=cfg.nf4_blocksize, double_quant=cfg.nf4_double_quant,
-                        compute_dtype=compute)
+                        compute_dtype=compute, quant_type=cfg.nf4_quant_type)
 
 
 def _atomic_save(tensors: dict, path: Path) -> None:

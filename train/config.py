@@ -66,6 +66,7 @@ class ModelConfig:
     nf4_double_quant: bool = True   # qlora: quantize the absmax constants too (8-bit, blocks of 256)
     nf4_compute_dtype: str = "auto"  # qlora: matmul dtype of the 4-bit layers: auto (the base dtype) | fp32 | bf16 | fp16
     nf4_skip: tuple = ()            # qlora: modules left dense; empty -> the classifier head, or lm_head
+    nf4_quant_type: str = "nf4"     # qlora: 4-bit code book: nf4 (QLoRA's NormalFloat) | fp4
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"method={self.method!r}; expected one of {METHODS}")
@@ -101,6 +102,7 @@ class ModelConfig:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         _check(self.nf4_blocksize in (64, 128, 256, 512, 1024, 2048, 4096),
                f"nf4_blocksize={self.nf4_blocksize}; expected a power of two in [64, 4096]")
+        _check(self.nf4_quant_type in ("nf4", "fp4"), f"nf4_quant_type={self.nf4_quant_type!r}; expected nf4 or fp4")
         _check(self.nf4_compute_dtype in NF4_COMPUTE_DTYPES,
                f"nf4_compute_dtype={self.nf4_compute_dtype!r}; expected one of {NF4_COMPUTE_DTYPES}")
 

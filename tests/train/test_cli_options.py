@@ -60,14 +60,14 @@ def test_patterns_layers_and_modules_to_save():
 
 def test_nf4_flags():
     _, model = _build("--method", "qlora", "--nf4-blocksize", "128", "--no-nf4-double-quant",
-                      "--nf4-compute-dtype", "bf16", "--nf4-skip", "lm_head", "down_proj")
+                      "--nf4-compute-dtype", "bf16", "--nf4-skip", "lm_head", "down_proj", "--nf4-quant-type", "fp4")
     nf4 = _layers(model, NF4Linear)
     assert nf4 and all(m.state.blocksize == 128 and not m.state.double_quant and m.compute_dtype == torch.bfloat16
-                       for m in nf4.values())
+                       and m.state.quant_type == "fp4" for m in nf4.values())
     assert not any(n.endswith("down_proj") for n in nf4)
     _, model = _build("--method", "qlora")  # defaults: blocks of 64, double quant, compute in the input dtype
     assert all(m.state.blocksize == 64 and m.state.double_quant and m.compute_dtype is None
-               for m in _layers(model, NF4Linear).values())
+               and m.state.quant_type == "nf4" for m in _layers(model, NF4Linear).values())
 
 
 def test_ia3_flags():
@@ -89,10 +89,18 @@ def test_ia3_flags():
     (["--train-bias", "some"], "train_bias='some'"),
     (["--nf4-blocksize", "100"], "nf4_blocksize=100"),
     (["--nf4-compute-dtype", "fp8"], "nf4_compute_dtype='fp8'"),
+    (["--nf4-quant-type", "int4"], "nf4_quant_type='int4'"),
 ])
 def test_bad_option_values(flags, match):
     with pytest.raises(ValueError, match=match):
         config_from_args(build_parser().parse_args(["train", *flags]))
+
+
+def test_demo_has_an_ia3_row():
+    from train.demo import demo_rows
+    for full in (False, True):
+        row = demo_rows(full)["ia3"]
+        assert (row.model.method, row.model.model, row.data.task) == ("ia3", "minilm", "classify")
 
 
 def test_ia3_trains_and_reloads_from_the_cli(folders, tmp_path, capsys):  # noqa: F811
