@@ -17,7 +17,8 @@ class AdapterLayer(nn.Module):
 
     - ``adapter_params()``: its trainable tensors by local name (saved under ``<module path>.<name>``);
     - ``merge()`` / ``unmerge()``: fold the adapter into the base weight and back (idempotent);
-    - ``_check_mergeable()``: raise before any layer is touched when merging is impossible.
+    - ``_check_mergeable()`` / ``_check_unmergeable()``: raise before any layer is touched when
+      merging / unmerging is impossible.
     """
 
     base_layer: nn.Module
@@ -41,6 +42,9 @@ class AdapterLayer(nn.Module):
             raise RuntimeError(
                 f"cannot merge {type(self).__name__} into a quantized {type(self.base_layer).__name__}: "
                 f"re-quantizing the merged weight is lossy. Call lora.dequantize_model(model, dtype=...) first.")
+
+    def _check_unmergeable(self) -> None:
+        """Raise before any layer is touched when ``unmerge`` cannot restore the base (default: never)."""
 
     @property
     def weight(self) -> torch.Tensor:

@@ -137,10 +137,13 @@ class IA3Layer(AdapterLayer):
         """
         if not self.merged:
             return
-        if bool((self.ia3_l == 0).any()):
-            raise ValueError("cannot unmerge IA3: ia3_l has zero entries, the merged weight lost them")
+        self._check_unmergeable()
         self._rescale(divide=True)
         self.merged = False
+
+    def _check_unmergeable(self) -> None:
+        if self.merged and bool((self.ia3_l == 0).any()):
+            raise ValueError("cannot unmerge IA3: ia3_l has zero entries, the merged weight lost them")
 
     def extra_repr(self) -> str:
         return f"feedforward={self.is_feedforward}, shape={tuple(self.ia3_l.shape)}, merged={self.merged}"

@@ -218,8 +218,12 @@ def remove_lora(model: nn.Module, merge: bool = False) -> nn.Module:
     """
     state = lora_state(model)
     found = _wrappers(model)
+    layers = [m for _, m in found if isinstance(m, AdapterLayer)]
     if merge:
         _check_merge(model, [(n, m) for n, m in found if isinstance(m, AdapterLayer)])
+    else:
+        for m in layers:
+            m._check_unmergeable()
     for name, m in found:
         if isinstance(m, AdapterLayer):
             if merge:
@@ -248,9 +252,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Take every merged adapter back out of its base weight. Idempotent."""
+    """Take every merged adapter back out of its base weight. Idempotent. Raises before touching
+    any layer when one cannot be unmerged (an IA3 vector with a zero entry)."""
     lora_state(model)
-    for _, m in _wrappers(model):
-        if isinstance(m, AdapterLayer):
-            m.unmerge()
+    layers = [m for _, m in _wrappers(model) if isinstance(m, AdapterLayer)]
+    for m in layers:
+        m._check_unmergeable()
+    for m in layers:
+        m.unmerge()
     return model

@@ -204,12 +204,17 @@ def test_ia3_config_and_bad_inputs(tmp_path) -> None:
 
 def test_ia3_zero_vector_cannot_unmerge() -> None:
     model = add_ia3(tiny_causal_lm("llama"), IA3Config())
-    layer = next(m for m in model.modules() if isinstance(m, IA3Layer))
+    layer = [m for m in model.modules() if isinstance(m, IA3Layer)][-1]  # the last one: others come first
     with torch.no_grad():
         layer.ia3_l[0] = 0.0
     merge_lora(model)
+    merged = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match="ia3_l has zero entries"):
         unmerge_lora(model)
+    with pytest.raises(ValueError, match="ia3_l has zero entries"):
+        remove_lora(model)
+    assert all(torch.equal(p, merged[n]) for n, p in model.named_parameters())  # no layer was touched
+    assert all(m.merged for m in model.modules() if isinstance(m, IA3Layer))
 
 
 def test_ia3_on_an_nf4_base() -> None:
