@@ -9,10 +9,11 @@ import torch
 from torch.testing import assert_close
 
 from lora import LoRAConfig, LoRAEmbedding, LoRALinear, add_lora, load_lora, lora_parameters, merge_lora
-from lora import remove_lora, save_lora, unmerge_lora
+from lora import remove_lora, save_lora, trainable_summary, unmerge_lora
 from lora.inject import adapter_tensors
 from lora.targets import in_layers, layer_index
 
+from .test_equivalence import _peft_summary
 from .conftest import (FAMILIES, assert_unchanged, base_model, batch, build_pair, our_config, peft_trainable,
                        randomize_both, snapshot)
 
@@ -51,6 +52,7 @@ def test_matches_peft(family: str, variant: str) -> None:
     assert sorted(mine) == sorted(theirs)
     for key in mine:
         assert torch.equal(mine[key], theirs[key]), key
+    assert trainable_summary(ours) == _peft_summary(pm)
     if variant.startswith("embedding") or variant == "patterns":
         assert any(isinstance(m, LoRAEmbedding) for m in ours.modules())
     for name, module in ours.named_modules():
