@@ -1,7 +1,8 @@
-"""Adapter folders: ``adapter_model.safetensors`` + ``adapter_config.json`` in peft's LoRA format.
+"""Adapter folders: ``adapter_model.safetensors`` + ``adapter_config.json`` in peft's format,
+for every method in ``lora`` (peft_type ``LORA`` and ``IA3``).
 
 Keys are ``base_model.model.<key of adapter_tensors>``, e.g.
-``base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`` [r, in]. Only safetensors and
+``base_model.model.transformer.h.0.attn.c_attn.lora_A.weight`` [r, in] or ``….ia3_l``. Only safetensors and
 JSON are read or written (no pickle); every file is written to a temp file then renamed.
 """
 from __future__ import annotations
@@ -17,10 +18,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import ia3
 from .atomic import atomic_write, atomic_write_text
 from .config import ALL_LINEAR, LoRAConfig
 from .inject import _wrappers, adapter_tensors, add_lora, lora_state, remove_lora
 from .heads import TrainedCopy
+from .embedding import LoRAEmbedding
 from .layer import LoRALinear
 from .targets import DEFAULT_TARGETS, resolve_heads
 
@@ -31,7 +34,6 @@ PEFT_VERSION = "0.21.2"  # the peft release whose format this writes
 
 # peft config keys with behaviour this package does not implement, and their neutral values
 _UNSUPPORTED = {
-    "rank_pattern": ({}, None), "alpha_pattern": ({}, None), "layers_to_transform": (None,),
     "exclude_modules": (None, [], ""), "lora_bias": (False, None), "layer_replication": (None,),
     "target_parameters": (None, []), "trainable_token_indices": (None,), "use_qalora": (False, None),
     "use_bdlora": (None, False), "alora_invocation_tokens": (None,), "arrow_config": (None,),
@@ -49,6 +51,8 @@ _FIELD_TYPES = {
     "target_modules": _STR + _LIST + _NONE, "use_rslora": _BOOL, "use_dora": _BOOL, "bias": _STR,
     "modules_to_save": _LIST + _NONE, "fan_in_fan_out": _BOOL, "init_lora_weights": _BOOL + _STR,
     "layers_pattern": _STR + _LIST + _NONE, "loftq_config": _DICT,
+    "rank_pattern": _DICT + _NONE, "alpha_pattern": _DICT + _NONE, "layers_to_transform": (int,) + _LIST + _NONE,
+    "feedforward_modules": _STR + _LIST + _NONE,
 }
 _JSON_NAMES = {str: "string", type(None): "null", bool: "boolean", int: "integer", float: "number",
                list: "list", dict: "object"}
@@ -62,7 +66,7 @@ def check_field_types(raw: dict[str, Any], where: str) -> None:
             want = " or ".join(_JSON_NAMES[t] for t in allowed)
             bad.append(f"{key}={raw[key]!r} (a JSON {_JSON_NAMES.get(type(raw[key]), type(raw[key]).__name__)}, "
                        f"expected {want})")
-    for key in ("target_modules", "modules_to_save"):
+    for key in ("target_modules", "modules_to_save", "feedforward_modules"):
         if isinstance(raw.get(key), list) and not all(isinstance(x, str) for x in raw[key]):
             bad.append(f"{key}={raw[key]!r} (expected a list of strings)")
     if bad:
@@ -94,6 +98,11 @@ def _task_type(model: nn.Module) -> Union[str, None]:
 def peft_config_dict(model: nn.Module) -> dict[str, Any]:
     """The ``adapter_config.json`` content peft 0.21.2 reads for this model's adapter."""
     config = lora_state(model).config
+    common = {"peft_version": PEFT_VERSION, "task_type": _task_type(model),
+              "base_model_name_or_path": getattr(model, "name_or_path", None) or None, "revision": None,
+              "inference_mode": True, "auto_mapping": None}
+    if isinstance(config, ia3.IA3Config):
+        return {**common, **ia3.peft_fields(model, config, _wrappers(model))}
     targets: Any = config.target_modules
     if targets is None:
         targets = list(DEFAULT_TARGETS[model.config.model_type])
@@ -110,10 +119,15 @@ def peft_config_dict(model: nn.Module) -> dict[str, Any]:
         "target_modules": targets, "use_rslora": config.use_rslora, "use_dora": config.use_dora,
         "bias": config.bias, "modules_to_save": list(config.modules_to_save) or None,
         "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True, "lora_bias": False,
-        "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "layer_replication": None, "target_parameters": None,
+        "exclude_modules": None, "layer_replication": None,
+        "layers_to_transform": _listed(config.layers_to_transform), "layers_pattern": _listed(config.layers_pattern),
+        "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern), "target_parameters": None,
         "trainable_token_indices": None, "use_qalora": False, "loftq_config": {},
     }
+
+
+def _listed(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 def save_lora(model: nn.Module, folder: Union[str, os.PathLike]) -> Path:
@@ -135,13 +149,15 @@ def save_lora(model: nn.Module, folder: Union[str, os.PathLike]) -> Path:
     return folder
 
 
-def config_from_peft(raw: dict[str, Any], where: str = "adapter_config.json") -> LoRAConfig:
-    """A LoRAConfig from peft's LoRA config dict; rejects other methods and unsupported options."""
+def config_from_peft(raw: dict[str, Any], where: str = "adapter_config.json") -> Union[LoRAConfig, ia3.IA3Config]:
+    """A LoRAConfig (or IA3Config) from peft's config dict; rejects other methods and unsupported options."""
+    check_field_types(raw, where)
     kind = raw.get("peft_type")
+    if kind == "IA3":
+        return ia3.config_from_peft(raw, where)
     if kind != "LORA":
         raise ValueError(f"{where}: peft_type={kind!r}, this folder is not a LoRA adapter "
-                         f"(expected peft_type 'LORA')")
-    check_field_types(raw, where)
+                         f"(expected peft_type 'LORA' or 'IA3')")
     for key, neutral in _UNSUPPORTED.items():
         if raw.get(key) not in neutral:
             raise ValueError(f"{where}: {key}={raw[key]!r} is not supported by lora (expected one of {neutral})")
@@ -149,7 +165,9 @@ def config_from_peft(raw: dict[str, Any], where: str = "adapter_config.json") ->
         return LoRAConfig(r=raw.get("r", 8), alpha=raw.get("lora_alpha", 8), dropout=raw.get("lora_dropout", 0.0),
                           target_modules=raw.get("target_modules"), use_rslora=raw.get("use_rslora", False),
                           use_dora=raw.get("use_dora", False), bias=raw.get("bias", "none"),
-                          modules_to_save=tuple(raw.get("modules_to_save") or ()))
+                          modules_to_save=tuple(raw.get("modules_to_save") or ()),
+                          rank_pattern=raw.get("rank_pattern") or (), alpha_pattern=raw.get("alpha_pattern") or (),
+                          layers_to_transform=raw.get("layers_to_transform"), layers_pattern=raw.get("layers_pattern"))
     except ValueError as err:
         raise ValueError(f"{where}: {err}") from None
 
@@ -178,7 +196,7 @@ def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def read_adapter(folder: Union[str, os.PathLike],
-                 check_finite: bool = True) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
+                 check_finite: bool = True) -> tuple[Any, dict[str, torch.Tensor]]:
     """(config, tensors) of a LoRA adapter folder (ours or peft's), with clear errors for missing
     or corrupt files, wrong JSON types, other methods, unsupported options and (unless
     ``check_finite=False``) NaN/inf tensors. The config is checked first."""
@@ -208,6 +226,10 @@ def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], whe
     heads = [n for n, m in _wrappers(model) if isinstance(m, TrainedCopy)]
     inner = tuple(f"{h}.{part}." for h in heads for part in ("modules_to_save", "original_module"))
     given = {k: v for k, v in given.items() if not k.startswith(inner)}
+    # peft also saves the full table of an adapted embedding (<p>.base_layer.weight); like peft,
+    # it is loaded into the base embedding when present
+    optional = {f"{n}.base_layer.weight": m.base_layer.weight for n, m in _wrappers(model) if isinstance(m, LoRAEmbedding)}
+    own = {**own, **{k: w for k, w in optional.items() if k in given}}
     missing = sorted(set(own) - set(given))
     unexpected = sorted(set(given) - set(own))
     shapes = [f"{k}: file {tuple(given[k].shape)} vs model {tuple(own[k].shape)}"
@@ -248,8 +270,13 @@ def load_lora(model: nn.Module, folder: Union[str, os.PathLike], check_finite: b
             raise ValueError(f"cannot load {folder} into a model whose LoRA is merged into the base weights "
                              f"({len(merged)} layers, e.g. {merged[0]}); call unmerge_lora(model) first")
         have = lora_state(model).config
+        if type(have) is not type(config):
+            raise ValueError(f"{folder} holds a {type(config).__name__} adapter but the model has a "
+                             f"{type(have).__name__} one")
+        fields = ("r", "alpha", "use_rslora", "use_dora", "bias", "rank_pattern", "alpha_pattern") \
+            if isinstance(config, LoRAConfig) else ()
         diff = [f"{f}: model {getattr(have, f)!r} vs folder {getattr(config, f)!r}"
-                for f in ("r", "alpha", "use_rslora", "use_dora", "bias") if getattr(have, f) != getattr(config, f)]
+                for f in fields if getattr(have, f) != getattr(config, f)]
         if diff:
             raise ValueError(f"{folder} holds a different LoRA setup than the model's adapter: {diff}")
         load_adapter_weights(model, tensors, where=str(folder))
@@ -257,7 +284,7 @@ def load_lora(model: nn.Module, folder: Union[str, os.PathLike], check_finite: b
     # peft lists head names that may not exist in this model (e.g. "score" on BERT)
     heads = tuple(e for e in config.modules_to_save if resolve_heads(model, (e,), strict=False))
     config = dataclasses.replace(config, modules_to_save=heads)
-    add_lora(model, config)
+    (ia3.add_ia3 if isinstance(config, ia3.IA3Config) else add_lora)(model, config)
     try:
         load_adapter_weights(model, tensors, where=str(folder))
     except BaseException:

@@ -4,7 +4,8 @@
 - ``prompt`` / ``ptuning``: ``softprompt.PromptModel`` (the head trains too for classification,
   as in peft);
 - ``lora``: ``lora.add_lora`` (for classification the head gets a trained copy, as in peft);
-- ``qlora``: ``lora.quantize_model`` (NF4 base) then ``add_lora``.
+- ``qlora``: ``lora.quantize_model`` (NF4 base) then ``add_lora``;
+- ``ia3``: ``lora.add_ia3`` (for classification the head gets a trained copy, as in peft).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_write, write_json_atomic
-from .config import ModelConfig
+from .config import ModelConfig, pattern_dict
 
 __all__ = ["build_adapted", "save_adapted", "load_adapted", "count_trainable", "adapter_bytes",
            "qlora_available", "head_name"]
@@ -77,19 +78,53 @@ def _build(backbone: torch.nn.Module, cfg: ModelConfig, task: str, tokenizer) ->
                             encoder=cfg.encoder, encoder_hidden=cfg.encoder_hidden or None,
                             pool=cfg.prompt_pool if task == "seq_cls" else "backbone")
         return PromptModel(backbone, pcfg, tokenizer=tokenizer, task=task)
-    if method in ("lora", "qlora"):
+    if method in ("lora", "qlora", "ia3"):
         import lora
-        heads = (head_name(backbone),) if task == "seq_cls" else ()
+        heads = ((head_name(backbone),) if task == "seq_cls" else ()) + cfg.modules_to_save
+        if method == "ia3":
+            ff = _targets(cfg.feedforward_modules) if cfg.feedforward_modules else None
+            return lora.add_ia3(backbone, lora.IA3Config(target_modules=_targets(cfg.target_modules),
+                                                         feedforward_modules=ff, modules_to_save=heads))
         if method == "qlora":
-            if not qlora_available():
-                raise RuntimeError("method 'qlora' needs lora.quantize_model, which this install lacks")
-            skip = heads if heads else ("lm_head",)
-            dtype = next(backbone.parameters()).dtype
-            lora.quantize_model(backbone, skip=skip, compute_dtype=None if dtype == torch.float32 else dtype)
+            _quantize(backbone, cfg, heads)
         lcfg = lora.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                               target_modules=cfg.target_modules or None, modules_to_save=heads)
+                               target_modules=_targets(cfg.target_modules), modules_to_save=heads,
+                               use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, bias=cfg.train_bias,
+                               rank_pattern=pattern_dict(cfg, "rank_pattern"),
+                               alpha_pattern=pattern_dict(cfg, "alpha_pattern"),
+                               layers_to_transform=cfg.layers_to_transform or None,
+                               layers_pattern=cfg.layers_pattern or None)
         return lora.add_lora(backbone, lcfg)
-    raise ValueError(f"method={method!r}; expected prompt, ptuning, lora, qlora or head")
+    raise ValueError(f"method={method!r}; expected prompt, ptuning, lora, qlora, ia3 or head")
+
+
+def _targets(names: tuple):
+    """CLI target names -> lora's spec: () -> None (registry default); ("all-linear",) -> "all-linear";
+    one entry with regex characters -> that regex; else the names."""
+    if not names:
+        return None
+    if len(names) == 1 and (names[0].lower() == "all-linear" or any(c in names[0] for c in "*()[]|^$+?\\")):
+        return names[0].lower() if names[0].lower() == "all-linear" else names[0]
+    return names
+
+
+_NF4_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _quantize(backbone: torch.nn.Module, cfg: Optional[ModelConfig], heads: tuple) -> None:
+    """The NF4 base of method ``qlora`` with the config's NF4 options (defaults when ``cfg`` is None)."""
+    import lora
+    if not qlora_available():
+        raise RuntimeError("method 'qlora' needs lora.quantize_model, which this install lacks")
+    cfg = cfg or ModelConfig(method="qlora")
+    skip = cfg.nf4_skip or heads or ("lm_head",)
+    dtype = next(backbone.parameters()).dtype
+    if cfg.nf4_compute_dtype == "auto":
+        compute = None if dtype == torch.float32 else dtype
+    else:
+        compute = _NF4_DTYPES[cfg.nf4_compute_dtype]
+    lora.quantize_model(backbone, skip=skip, blocksize=cfg.nf4_blocksize, double_quant=cfg.nf4_double_quant,
+                        compute_dtype=compute, quant_type=cfg.nf4_quant_type)
 
 
 def save_adapted(model: torch.nn.Module, method: str, folder: Path) -> Path:
@@ -105,11 +140,11 @@ def save_adapted(model: torch.nn.Module, method: str, folder: Path) -> Path:
     elif method in ("prompt", "ptuning"):
         from softprompt import save_prompt
         save_prompt(model, folder)
-    elif method in ("lora", "qlora"):
+    elif method in ("lora", "qlora", "ia3"):
         from lora import save_lora
         save_lora(model, folder)
     else:
-        raise ValueError(f"method={method!r}; expected prompt, ptuning, lora, qlora or head")
+        raise ValueError(f"method={method!r}; expected prompt, ptuning, lora, qlora, ia3 or head")
     return folder
 
 
@@ -136,9 +171,11 @@ def _read_head(folder: Path, check_finite: bool) -> tuple[dict, str]:
     return tensors, raw["head"]
 
 
-def load_adapted(backbone: torch.nn.Module, method: str, folder: Path, check_finite: bool = True) -> torch.nn.Module:
+def load_adapted(backbone: torch.nn.Module, method: str, folder: Path,
+                 cfg: Optional[ModelConfig] = None, check_finite: bool = True) -> torch.nn.Module:
     """Rebuild the adapted model from a fresh ``backbone`` and a folder from ``save_adapted``.
 
+    ``cfg``: the run's model config, whose NF4 options rebuild a qlora base the same way;
     ``check_finite=False`` loads adapters holding NaN/inf tensors (refused by default).
     """
     folder = Path(folder)
@@ -157,17 +194,15 @@ def load_adapted(backbone: torch.nn.Module, method: str, folder: Path, check_fin
     if method in ("prompt", "ptuning"):
         from softprompt import load_prompt
         return load_prompt(backbone, folder, check_finite=check_finite)
-    if method in ("lora", "qlora"):
+    if method in ("lora", "qlora", "ia3"):
         import lora
         if method == "qlora":
             config, _ = lora.io.read_adapter(folder, check_finite=check_finite)  # clear errors before quantizing
             raw = {"modules_to_save": list(config.modules_to_save)}
             heads = tuple(h for h in (raw.get("modules_to_save") or []) if hasattr(backbone, h))
-            dtype = next(backbone.parameters()).dtype
-            lora.quantize_model(backbone, skip=heads or ("lm_head",),
-                                compute_dtype=None if dtype == torch.float32 else dtype)
+            _quantize(backbone, cfg, heads)
         return lora.load_lora(backbone, folder, check_finite=check_finite)
-    raise ValueError(f"method={method!r}; expected prompt, ptuning, lora, qlora or head")
+    raise ValueError(f"method={method!r}; expected prompt, ptuning, lora, qlora, ia3 or head")
 
 
 def count_trainable(model: torch.nn.Module) -> int:

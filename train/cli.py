@@ -69,6 +69,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             raise ValueError(f"--config {args.config}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"--config {args.config}: expected a JSON object with model/data/loop sections")
+        loaded = _rerun_config(loaded, args.config)
         try:
             RunConfig.from_dict(loaded)  # names unknown sections and fields, wrong types
         except ValueError as e:
@@ -81,6 +82,22 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             if value is not None:
                 base[group_name][f.name] = tuple(value) if isinstance(value, list) else value
     return RunConfig.from_dict(base)
+
+
+def _rerun_config(loaded: dict, path: Path) -> dict:
+    """A run folder's ``config.json`` also records ``effective_lr`` (the lr the run used): it pins
+    ``loop.lr`` when the file leaves it unset, so the rerun uses the same step size even if the
+    method's default changes."""
+    if "effective_lr" not in loaded:
+        return loaded
+    loaded = dict(loaded)
+    lr = loaded.pop("effective_lr")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise ValueError(f"--config {path}: effective_lr={lr!r}; expected a number")
+    loop = loaded.get("loop")
+    if isinstance(loop, dict) and loop.get("lr") is None:
+        loaded["loop"] = {**loop, "lr": float(lr)}
+    return loaded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +151,7 @@ def _load_run(run_dir: Path):
     backbone = load_backbone(p.folder, p.task, num_labels=cfg.data.num_labels, dtype=BASE_DTYPES[cfg.model.base_dtype])
     name_model(backbone, cfg.model.model)
     backbone.to(resolve_device(cfg.loop.device))
-    model = adapters.load_adapted(backbone, cfg.model.method, run_dir / "adapter")
+    model = adapters.load_adapted(backbone, cfg.model.method, run_dir / "adapter", cfg=cfg.model)
     return cfg, p, model.eval()
 
 

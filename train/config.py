@@ -16,7 +16,7 @@ from typing import Optional
 __all__ = ["METHODS", "PRECISIONS", "SCHEDULES", "ModelConfig", "DataConfig", "LoopConfig",
            "RunConfig", "default_lr"]
 
-METHODS = ("prompt", "ptuning", "lora", "qlora", "head")
+METHODS = ("prompt", "ptuning", "lora", "qlora", "ia3", "head")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 LOGS = ("jsonl", "tensorboard")
@@ -24,7 +24,9 @@ TASKS = ("auto", "classify", "instruct")
 
 # Learning rates that suit each method on the bundled data (prompts need a much larger step
 # than weights; these follow the usual published settings for each method).
-_DEFAULT_LR = {"head": 1e-2, "prompt": 3e-2, "ptuning": 1e-2, "lora": 5e-4, "qlora": 5e-4}
+_DEFAULT_LR = {"head": 1e-2, "prompt": 3e-2, "ptuning": 1e-2, "lora": 5e-4, "qlora": 5e-4, "ia3": 1e-2}
+NF4_COMPUTE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+BIAS_MODES = ("none", "all", "lora_only")
 
 
 def default_lr(method: str) -> float:
@@ -52,8 +54,8 @@ def _check_types(obj) -> None:
         allowed, text = kind
         value = getattr(obj, f.name)
         ok = isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
-        if ok and allowed == (tuple, list):
-            ok = all(isinstance(v, str) for v in value)
+        if ok and allowed == (tuple, list):  # names; layer indices; [regex, value] pairs
+            ok = all(isinstance(v, (str, int, list)) and not isinstance(v, bool) for v in value)
         _check(ok, f"{f.name}={value!r} ({type(value).__name__}); expected {text}")
 
 
@@ -64,7 +66,13 @@ _USED_BY = {
     "prompt_init_text": ("prompt", "ptuning"), "prompt_pool": ("prompt", "ptuning"),
     "encoder": ("ptuning",), "encoder_hidden": ("ptuning",),
     "lora_r": ("lora", "qlora"), "lora_alpha": ("lora", "qlora"), "lora_dropout": ("lora", "qlora"),
-    "target_modules": ("lora", "qlora"),
+    "use_rslora": ("lora", "qlora"), "use_dora": ("lora", "qlora"), "train_bias": ("lora", "qlora"),
+    "rank_pattern": ("lora", "qlora"), "alpha_pattern": ("lora", "qlora"),
+    "layers_to_transform": ("lora", "qlora"), "layers_pattern": ("lora", "qlora"),
+    "target_modules": ("lora", "qlora", "ia3"), "modules_to_save": ("lora", "qlora", "ia3"),
+    "feedforward_modules": ("ia3",),
+    "nf4_blocksize": ("qlora",), "nf4_double_quant": ("qlora",), "nf4_compute_dtype": ("qlora",),
+    "nf4_skip": ("qlora",), "nf4_quant_type": ("qlora",),
 }
 
 
@@ -79,7 +87,7 @@ def _check_used(cfg) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    method: str = "lora"            # prompt | ptuning | lora | qlora | head (classifier head only)
+    method: str = "lora"            # prompt | ptuning | lora | qlora | ia3 | head (classifier head only)
     model: str = "minilm"           # bundled name (minilm, smollm2) or a local Hugging Face folder
     base_dtype: str = "fp32"        # dtype of the frozen base weights: fp32 | bf16 | fp16 (adapters stay fp32)
     n_virtual: int = 20             # prompt / ptuning: number of virtual tokens
@@ -91,7 +99,21 @@ class ModelConfig:
     lora_r: int = 8                 # lora / qlora: rank
     lora_alpha: float = 8.0         # lora / qlora: scaling numerator (scaling = alpha / r)
     lora_dropout: float = 0.0       # lora / qlora: dropout on the adapter input
-    target_modules: tuple = ()      # lora / qlora: module names; empty -> the registry default
+    target_modules: tuple = ()      # lora / qlora / ia3: module names, or all-linear, or one regex; empty -> the registry default
+    use_rslora: bool = False        # lora / qlora: scaling alpha / sqrt(r) (rank-stabilized LoRA)
+    use_dora: bool = False          # lora / qlora: weight-decomposed LoRA (a trainable magnitude per output row)
+    train_bias: str = "none"        # lora / qlora: which biases train: none | all | lora_only (peft: bias)
+    rank_pattern: tuple = ()        # lora / qlora: per-module ranks as REGEX=R entries, e.g. v_proj=4
+    alpha_pattern: tuple = ()       # lora / qlora: per-module alphas as REGEX=ALPHA entries
+    layers_to_transform: tuple = ()  # lora / qlora: only these layer indices get adapters; empty -> all
+    layers_pattern: str = ""        # lora / qlora: name of the layer list read by layers_to_transform, e.g. layers
+    modules_to_save: tuple = ()     # lora / qlora / ia3: extra modules trained in full (the classifier head always is)
+    feedforward_modules: tuple = ()  # ia3: targets whose input (not output) is scaled; empty -> the registry default
+    nf4_blocksize: int = 64         # qlora: weights per absmax block of the 4-bit base
+    nf4_double_quant: bool = True   # qlora: quantize the absmax constants too (8-bit, blocks of 256)
+    nf4_compute_dtype: str = "auto"  # qlora: matmul dtype of the 4-bit layers: auto (the base dtype) | fp32 | bf16 | fp16
+    nf4_skip: tuple = ()            # qlora: modules left dense; empty -> the classifier head, or lm_head
+    nf4_quant_type: str = "nf4"     # qlora: 4-bit code book: nf4 (QLoRA's NormalFloat) | fp4
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -114,7 +136,43 @@ class ModelConfig:
                f"prompt_init_text={self.prompt_init_text!r} is only used with prompt_init='text', "
                f"got prompt_init={self.prompt_init!r}")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        _check(self.train_bias in BIAS_MODES, f"train_bias={self.train_bias!r}; expected one of {BIAS_MODES}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+            pattern_dict(self, name)  # names a malformed entry
+        layers = []
+        for item in self.layers_to_transform:
+            try:
+                layers.append(int(item))
+            except (TypeError, ValueError):
+                raise ValueError(f"layers_to_transform entry {item!r}; expected layer indices (ints >= 0)") from None
+            _check(layers[-1] >= 0, f"layers_to_transform entry {item!r}; expected an int >= 0")
+        object.__setattr__(self, "layers_to_transform", tuple(layers))
+        _check(not self.layers_pattern or bool(layers), f"layers_pattern={self.layers_pattern!r} needs layers_to_transform")
+        for name in ("modules_to_save", "feedforward_modules", "nf4_skip"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        _check(self.nf4_blocksize in (64, 128, 256, 512, 1024, 2048, 4096),
+               f"nf4_blocksize={self.nf4_blocksize}; expected a power of two in [64, 4096]")
+        _check(self.nf4_quant_type in ("nf4", "fp4"), f"nf4_quant_type={self.nf4_quant_type!r}; expected nf4 or fp4")
+        _check(self.nf4_compute_dtype in NF4_COMPUTE_DTYPES,
+               f"nf4_compute_dtype={self.nf4_compute_dtype!r}; expected one of {NF4_COMPUTE_DTYPES}")
         _check_used(self)
+
+
+def pattern_dict(cfg: ModelConfig, name: str) -> dict:
+    """``rank_pattern`` / ``alpha_pattern`` entries ``"REGEX=VALUE"`` (or JSON pairs) as a dict."""
+    out = {}
+    kind = int if name == "rank_pattern" else float
+    for entry in getattr(cfg, name):
+        key, value = (entry.rsplit("=", 1) if isinstance(entry, str) and "=" in entry else
+                      entry if isinstance(entry, (list, tuple)) and len(entry) == 2 else (None, None))
+        try:
+            out[key] = kind(value)
+        except (TypeError, ValueError):
+            key = None
+        if not key:
+            raise ValueError(f"{name} entry {entry!r}; expected REGEX={'R' if kind is int else 'ALPHA'}, e.g. v_proj=4")
+    return out
 
 
 @dataclass(frozen=True)
