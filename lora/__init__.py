@@ -1,4 +1,8 @@
-"""lora: LoRA (rsLoRA, DoRA) and QLoRA's NF4 base for Hugging Face models, in pure PyTorch."""
+"""lora: LoRA (rsLoRA, DoRA), QLoRA's NF4 base and bottleneck adapters for Hugging Face models, in pure PyTorch."""
+from .bottleneck import BottleneckAdapter, BottleneckConfig
+from .bottleneck_inject import (add_bottleneck, bottleneck_parameters, bottleneck_state_dict,
+                                remove_bottleneck)
+from .bottleneck_io import load_bottleneck, save_bottleneck
 from .config import LoRAConfig
 from .heads import TrainedCopy
 from .inject import add_lora, lora_parameters, merge_lora, remove_lora, unmerge_lora
@@ -17,4 +21,6 @@ __all__ = [
     "DEFAULT_TARGETS", "LINEAR_TYPES",
     "NF4Linear", "quantize_nf4", "dequantize_nf4", "quantize_model", "dequantize_model",
     "NF4State", "memory_report", "QuantReport", "save_quantized", "load_quantized",
+    "BottleneckConfig", "BottleneckAdapter", "add_bottleneck", "remove_bottleneck", "bottleneck_parameters",
+    "bottleneck_state_dict", "save_bottleneck", "load_bottleneck",
 ]
