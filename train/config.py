@@ -14,14 +14,14 @@ from typing import Optional
 __all__ = ["METHODS", "PRECISIONS", "SCHEDULES", "ModelConfig", "DataConfig", "LoopConfig",
            "RunConfig", "default_lr"]
 
-METHODS = ("prompt", "ptuning", "lora", "qlora", "head")
+METHODS = ("prompt", "ptuning", "lora", "qlora", "bottleneck", "head")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 TASKS = ("auto", "classify", "instruct")
 
 # Learning rates that suit each method on the bundled data (prompts need a much larger step
 # than weights; these follow the usual published settings for each method).
-_DEFAULT_LR = {"head": 1e-2, "prompt": 3e-2, "ptuning": 1e-2, "lora": 5e-4, "qlora": 5e-4}
+_DEFAULT_LR = {"head": 1e-2, "prompt": 3e-2, "ptuning": 1e-2, "lora": 5e-4, "qlora": 5e-4, "bottleneck": 1e-3}
 
 
 def default_lr(method: str) -> float:
@@ -36,7 +36,7 @@ def _check(ok: bool, msg: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    method: str = "lora"            # prompt | ptuning | lora | qlora | head (classifier head only)
+    method: str = "lora"            # prompt | ptuning | lora | qlora | bottleneck | head (classifier head only)
     model: str = "minilm"           # bundled name (minilm, smollm2) or a local Hugging Face folder
     base_dtype: str = "fp32"        # dtype of the frozen base weights: fp32 | bf16 | fp16 (adapters stay fp32)
     n_virtual: int = 20             # prompt / ptuning: number of virtual tokens
@@ -49,6 +49,9 @@ class ModelConfig:
     lora_alpha: float = 8.0         # lora / qlora: scaling numerator (scaling = alpha / r)
     lora_dropout: float = 0.0       # lora / qlora: dropout on the adapter input
     target_modules: tuple = ()      # lora / qlora: module names; empty -> the registry default
+    adapter_config: str = "pfeiffer"  # bottleneck: pfeiffer (after the feed-forward block) | houlsby (after attention too)
+    reduction_factor: float = 16.0  # bottleneck: bottleneck width = hidden_size // reduction_factor
+    non_linearity: str = ""         # bottleneck: activation (relu, swish, gelu, ...); empty -> the preset's
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"method={self.method!r}; expected one of {METHODS}")
@@ -67,6 +70,9 @@ class ModelConfig:
         _check(self.lora_alpha > 0, f"lora_alpha={self.lora_alpha}; expected > 0")
         _check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout}; expected in [0, 1)")
         object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        _check(self.adapter_config in ("pfeiffer", "houlsby"),
+               f"adapter_config={self.adapter_config!r}; expected pfeiffer or houlsby")
+        _check(self.reduction_factor > 0, f"reduction_factor={self.reduction_factor}; expected > 0")
 
 
 @dataclass(frozen=True)
