@@ -34,7 +34,7 @@ class Layout:
     """A model family's layer list (dotted suffix of its ``nn.ModuleList`` name) and sites."""
 
     layers: str
-    sites: dict
+    sites: dict  # location ("mh_adapter" / "output_adapter") -> Site
 
 
 def _bert_like() -> Layout:

@@ -270,3 +270,34 @@ def test_adapterhub_pickle_and_unsupported_options_are_refused(tmp_path):
     (hub / "adapter_config.json").unlink()
     with pytest.raises(ValueError, match=r"only AdapterHub's pickle file pytorch_adapter.bin"):
         load_bottleneck(base("gpt2"), hub)
+
+
+@pytest.mark.parametrize("case", ["bert_pfeiffer", "llama_pfeiffer"])
+def test_gradient_checkpointing_gives_the_same_gradients(case):
+    """Recomputing a layer in backward fires the residual hook again; the gradients stay AdapterHub's."""
+    model = load_bottleneck(base(model_name(case)), REF / case)
+    model.train()  # checkpointing acts in training mode only; dropout off so the numbers stay comparable
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _, mask = inputs()
+    forward(model)[mask.bool()].pow(2).mean().backward()
+    grads, mine = expected(case, "grad", model), bottleneck_tensors(model)
+    for key, grad in grads.items():
+        torch.testing.assert_close(mine[key].grad, grad, **TOL, msg=key)
+
+
+def test_adapterhub_folder_from_bertmodel_loads_into_a_classifier():
+    """AdapterHub keys are read by layer index and site, whatever the model prefix (``bert.``)."""
+    spec = MANIFEST["models"]["bert"]
+    config = transformers.BertConfig(**spec["config"], attn_implementation="eager", num_labels=2)
+    classifier = transformers.BertForSequenceClassification(config).eval()
+    classifier.bert.load_state_dict(load_file(REF / spec["weights"]), strict=True)
+    load_bottleneck(classifier, REF / "bert_pfeiffer")
+    assert "bert.encoder.layer.1.output.dropout.adapter_up.weight" in bottleneck_state_dict(classifier)
+    ids, mask = inputs()
+    with torch.no_grad():
+        out = classifier.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    stored = load_file(REF / "bert_pfeiffer" / "expected.safetensors")["output"]
+    torch.testing.assert_close(out[mask.bool()], stored[mask.bool()], **TOL)
