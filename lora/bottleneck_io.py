@@ -165,7 +165,8 @@ def hub_to_ours(model: nn.Module, tensors: dict[str, torch.Tensor], config: Bott
     return out
 
 
-def read_bottleneck(model: nn.Module, folder: Union[str, os.PathLike]) -> tuple[BottleneckConfig, dict[str, torch.Tensor]]:
+def read_bottleneck(model: nn.Module, folder: Union[str, os.PathLike]
+                    ) -> tuple[BottleneckConfig, dict[str, torch.Tensor]]:
     """(config, tensors keyed like ``bottleneck_state_dict``) of a folder, ours or AdapterHub's."""
     folder = Path(folder)
     kind, raw = _folder_kind(folder)

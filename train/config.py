@@ -51,7 +51,7 @@ class ModelConfig:
     lora_alpha: float = 8.0         # lora / qlora: scaling numerator (scaling = alpha / r)
     lora_dropout: float = 0.0       # lora / qlora: dropout on the adapter input
     target_modules: tuple = ()      # lora / qlora: module names; empty -> the registry default
-    adapter_config: str = "pfeiffer"  # bottleneck: pfeiffer (after the feed-forward block) | houlsby (after attention too)
+    adapter_config: str = "pfeiffer"  # bottleneck: pfeiffer (after the feed-forward block) | houlsby (+ after attention)
     reduction_factor: float = 16.0  # bottleneck: bottleneck width = hidden_size // reduction_factor
     non_linearity: str = ""         # bottleneck: activation (relu, swish, gelu, ...); empty -> the preset's
 
