@@ -17,7 +17,8 @@ that environment, writes ``tests/lora/reference/``:
   without adapters (``base_output``), and the gradient of ``loss`` (see ``_loss``) with respect to
   every adapter tensor (``grad.<AdapterHub key>``), and the adapter's initial weights right after
   ``torch.manual_seed(INIT_SEED); model.add_adapter(...)`` (``init.<AdapterHub key>``); all in
-  eval mode, eager attention, fp32.
+  eval mode, eager attention, fp32; then ``STEPS`` AdamW steps on ``loss`` from the saved
+  weights: the losses before each step (``losses``) and the final weights (``trained.<key>``).
 
 Regenerate (from the repository root, any Python >= 3.9; PyPI must be reachable, the first run
 takes a few minutes)::
@@ -87,6 +88,7 @@ CASES = {
 }
 
 INIT_SEED = 7  # torch.manual_seed right before add_adapter: its initial weights are stored too
+STEPS, STEPS_LR = 5, 1e-2  # AdamW steps (eval mode, default betas / weight decay) from the saved weights
 
 # two rows, the second right-padded by 2
 INPUT_IDS = [[5, 17, 33, 9, 41, 12, 60], [7, 22, 3, 58, 14, 0, 0]]
@@ -94,8 +96,12 @@ ATTENTION_MASK = [[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0]]
 
 
 def _loss(output, mask):
-    """The scalar whose adapter gradients are stored: mean square over the real positions."""
-    return output[mask.bool()].pow(2).mean()
+    """The scalar whose adapter gradients are stored. Not a plain mean square: after BERT's final
+    LayerNorm (weight 1, bias 0) that is ~1 whatever the adapter does. Each real position's
+    features are weighted by linspace(-1, 1) and summed, and those sums are squared and averaged."""
+    import torch
+    weights = torch.linspace(-1.0, 1.0, output.shape[-1])
+    return (output[mask.bool()] * weights).sum(-1).pow(2).mean()
 
 
 def build_venv(venv: Path) -> Path:
@@ -120,8 +126,8 @@ def _inside() -> None:
     OUT.mkdir(exist_ok=True)
     manifest = {"adapters": adapters.__version__, "transformers": transformers.__version__,
                 "torch": torch.__version__, "input_ids": INPUT_IDS, "attention_mask": ATTENTION_MASK,
-                "loss": "output[attention_mask.bool()].pow(2).mean()",
-                "init_seed": INIT_SEED, "models": {}, "cases": {}}
+                "loss": "(output[attention_mask.bool()] * torch.linspace(-1, 1, output.shape[-1])).sum(-1).pow(2).mean()",
+                "init_seed": INIT_SEED, "steps": STEPS, "steps_lr": STEPS_LR, "models": {}, "cases": {}}
 
     def fresh(name):
         config_cls, model_cls, kwargs = MODELS[name]
@@ -174,6 +180,16 @@ def _inside() -> None:
             (folder / extra).unlink(missing_ok=True)  # the static LM head: the base's own weights
         expected = {"output": output.detach().clone(), "base_output": base_output, **init}
         expected.update({f"grad.{n}": p.grad.detach().clone() for n, p in params.items()})
+        opt = torch.optim.AdamW(list(params.values()), lr=STEPS_LR)  # a few steps from the saved weights
+        losses = []
+        for _ in range(STEPS):
+            opt.zero_grad()
+            loss = _loss(run(model), mask)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        expected["losses"] = torch.stack(losses)
+        expected.update({f"trained.{n}": p.detach().clone() for n, p in params.items()})
         save_file(expected, str(folder / "expected.safetensors"), metadata={"format": "pt"})
         manifest["cases"][case] = {"model": name, "config_class": config_name,
                                    "overrides": overrides, "folder": case}
