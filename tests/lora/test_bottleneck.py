@@ -329,3 +329,17 @@ def test_adapterhub_folder_from_bertmodel_loads_into_a_classifier():
         out = classifier.bert(input_ids=ids, attention_mask=mask).last_hidden_state
     stored = load_file(REF / "bert_pfeiffer" / "expected.safetensors")["output"]
     torch.testing.assert_close(out[mask.bool()], stored[mask.bool()], **TOL)
+
+
+def test_a_failed_save_leaves_the_old_folder(ours, monkeypatch):
+    import lora.bottleneck_io as bio
+    before = {p.name: p.read_bytes() for p in ours.iterdir()}
+
+    def broken(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(bio, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_bottleneck(load_bottleneck(base("bert"), REF / "bert_pfeiffer"), ours)
+    assert {p.name: p.read_bytes() for p in ours.iterdir()} == before
