@@ -1,5 +1,9 @@
-"""lora: LoRA (rsLoRA, DoRA, embeddings), IA3 and QLoRA's NF4 base for Hugging Face models, in pure PyTorch."""
+"""lora: LoRA (rsLoRA, DoRA, embeddings), IA3, bottleneck adapters and QLoRA's NF4 base for Hugging Face models, in pure PyTorch."""
 from .base import AdapterLayer
+from .bottleneck import BottleneckAdapter, BottleneckConfig
+from .bottleneck_inject import (add_bottleneck, bottleneck_parameters, bottleneck_state_dict,
+                                remove_bottleneck)
+from .bottleneck_io import load_bottleneck, save_bottleneck
 from .config import LoRAConfig
 from .embedding import LoRAEmbedding
 from .heads import TrainedCopy
@@ -21,4 +25,6 @@ __all__ = [
     "AdapterLayer", "LoRAEmbedding", "IA3Config", "IA3Layer", "add_ia3", "inject",
     "NF4Linear", "quantize_nf4", "dequantize_nf4", "quantize_model", "dequantize_model",
     "NF4State", "memory_report", "QuantReport", "save_quantized", "load_quantized",
+    "BottleneckConfig", "BottleneckAdapter", "add_bottleneck", "remove_bottleneck", "bottleneck_parameters",
+    "bottleneck_state_dict", "save_bottleneck", "load_bottleneck",
 ]

@@ -6,6 +6,8 @@
 - ``lora``: ``lora.add_lora`` (for classification the head gets a trained copy, as in peft);
 - ``qlora``: ``lora.quantize_model`` (NF4 base) then ``add_lora``;
 - ``ia3``: ``lora.add_ia3`` (for classification the head gets a trained copy, as in peft).
+- ``bottleneck``: ``lora.add_bottleneck`` (Houlsby / Pfeiffer); for classification the head
+  trains too and is saved beside the adapter as ``head_model.safetensors``.
 """
 from __future__ import annotations
 
@@ -95,7 +97,15 @@ def _build(backbone: torch.nn.Module, cfg: ModelConfig, task: str, tokenizer) ->
                                layers_to_transform=cfg.layers_to_transform or None,
                                layers_pattern=cfg.layers_pattern or None)
         return lora.add_lora(backbone, lcfg)
-    raise ValueError(f"method={method!r}; expected prompt, ptuning, lora, qlora, ia3 or head")
+    if method == "bottleneck":
+        import lora
+        extra = {"non_linearity": cfg.non_linearity} if cfg.non_linearity else {}
+        bcfg = lora.BottleneckConfig.preset(cfg.adapter_config, reduction_factor=cfg.reduction_factor, **extra)
+        lora.add_bottleneck(backbone, bcfg)
+        if task == "seq_cls":
+            getattr(backbone, head_name(backbone)).requires_grad_(True)
+        return backbone
+    raise ValueError(f"method={method!r}; expected prompt, ptuning, lora, qlora, ia3, bottleneck or head")
 
 
 def _targets(names: tuple):
@@ -143,8 +153,13 @@ def save_adapted(model: torch.nn.Module, method: str, folder: Path) -> Path:
     elif method in ("lora", "qlora", "ia3"):
         from lora import save_lora
         save_lora(model, folder)
+    elif method == "bottleneck":
+        from lora import save_bottleneck
+        save_bottleneck(model, folder)
+        if _head_or_none(model):  # a classifier: its head trained too
+            save_adapted(model, "head", folder)
     else:
-        raise ValueError(f"method={method!r}; expected prompt, ptuning, lora, qlora, ia3 or head")
+        raise ValueError(f"method={method!r}; expected prompt, ptuning, lora, qlora, ia3, bottleneck or head")
     return folder
 
 
@@ -202,7 +217,16 @@ def load_adapted(backbone: torch.nn.Module, method: str, folder: Path,
             heads = tuple(h for h in (raw.get("modules_to_save") or []) if hasattr(backbone, h))
             _quantize(backbone, cfg, heads)
         return lora.load_lora(backbone, folder, check_finite=check_finite)
-    raise ValueError(f"method={method!r}; expected prompt, ptuning, lora, qlora, ia3 or head")
+    if method == "bottleneck":
+        import lora
+        lora.load_bottleneck(backbone, folder)
+        return load_adapted(backbone, "head", folder) if (folder / HEAD_WEIGHTS).is_file() else backbone
+    raise ValueError(f"method={method!r}; expected prompt, ptuning, lora, qlora, ia3, bottleneck or head")
+
+
+def _head_or_none(model: torch.nn.Module) -> str:
+    """The classification head's attribute name, or "" when the model has none."""
+    return next((name for name, _ in model.named_children() if name in _HEADS), "")
 
 
 def count_trainable(model: torch.nn.Module) -> int:

@@ -16,7 +16,7 @@ from typing import Optional
 __all__ = ["METHODS", "PRECISIONS", "SCHEDULES", "ModelConfig", "DataConfig", "LoopConfig",
            "RunConfig", "default_lr"]
 
-METHODS = ("prompt", "ptuning", "lora", "qlora", "ia3", "head")
+METHODS = ("prompt", "ptuning", "lora", "qlora", "ia3", "bottleneck", "head")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 LOGS = ("jsonl", "tensorboard")
@@ -24,7 +24,7 @@ TASKS = ("auto", "classify", "instruct")
 
 # Learning rates that suit each method on the bundled data (prompts need a much larger step
 # than weights; these follow the usual published settings for each method).
-_DEFAULT_LR = {"head": 1e-2, "prompt": 3e-2, "ptuning": 1e-2, "lora": 5e-4, "qlora": 5e-4, "ia3": 1e-2}
+_DEFAULT_LR = {"head": 1e-2, "prompt": 3e-2, "ptuning": 1e-2, "lora": 5e-4, "qlora": 5e-4, "ia3": 1e-2, "bottleneck": 1e-3}
 NF4_COMPUTE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -73,6 +73,7 @@ _USED_BY = {
     "feedforward_modules": ("ia3",),
     "nf4_blocksize": ("qlora",), "nf4_double_quant": ("qlora",), "nf4_compute_dtype": ("qlora",),
     "nf4_skip": ("qlora",), "nf4_quant_type": ("qlora",),
+    "adapter_config": ("bottleneck",), "reduction_factor": ("bottleneck",), "non_linearity": ("bottleneck",),
 }
 
 
@@ -87,7 +88,7 @@ def _check_used(cfg) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    method: str = "lora"            # prompt | ptuning | lora | qlora | ia3 | head (classifier head only)
+    method: str = "lora"            # prompt | ptuning | lora | qlora | ia3 | bottleneck | head (classifier head only)
     model: str = "minilm"           # bundled name (minilm, smollm2) or a local Hugging Face folder
     base_dtype: str = "fp32"        # dtype of the frozen base weights: fp32 | bf16 | fp16 (adapters stay fp32)
     n_virtual: int = 20             # prompt / ptuning: number of virtual tokens
@@ -114,6 +115,9 @@ class ModelConfig:
     nf4_compute_dtype: str = "auto"  # qlora: matmul dtype of the 4-bit layers: auto (the base dtype) | fp32 | bf16 | fp16
     nf4_skip: tuple = ()            # qlora: modules left dense; empty -> the classifier head, or lm_head
     nf4_quant_type: str = "nf4"     # qlora: 4-bit code book: nf4 (QLoRA's NormalFloat) | fp4
+    adapter_config: str = "pfeiffer"  # bottleneck: pfeiffer (after the feed-forward block) | houlsby (+ after attention)
+    reduction_factor: float = 16.0  # bottleneck: bottleneck width = hidden_size // reduction_factor
+    non_linearity: str = ""         # bottleneck: activation (relu, swish, gelu, ...); empty -> the preset's
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -156,6 +160,9 @@ class ModelConfig:
         _check(self.nf4_quant_type in ("nf4", "fp4"), f"nf4_quant_type={self.nf4_quant_type!r}; expected nf4 or fp4")
         _check(self.nf4_compute_dtype in NF4_COMPUTE_DTYPES,
                f"nf4_compute_dtype={self.nf4_compute_dtype!r}; expected one of {NF4_COMPUTE_DTYPES}")
+        _check(self.adapter_config in ("pfeiffer", "houlsby"),
+               f"adapter_config={self.adapter_config!r}; expected pfeiffer or houlsby")
+        _check(self.reduction_factor > 0, f"reduction_factor={self.reduction_factor}; expected > 0")
         _check_used(self)
 
 
