@@ -220,7 +220,8 @@ def load_adapted(backbone: torch.nn.Module, method: str, folder: Path,
     if method == "bottleneck":
         import lora
         lora.load_bottleneck(backbone, folder)
-        return load_adapted(backbone, "head", folder) if (folder / HEAD_WEIGHTS).is_file() else backbone
+        return (load_adapted(backbone, "head", folder, check_finite=check_finite)
+                if (folder / HEAD_WEIGHTS).is_file() else backbone)
     raise ValueError(f"method={method!r}; expected prompt, ptuning, lora, qlora, ia3, bottleneck or head")
 
 
