@@ -179,7 +179,7 @@ CASES = [
     ("lora-bias-int", "wrong-result", _lora_config_case(bias=0), ValueError, r"bias=0"),
     ("lora-bias-unknown", "wrong-result", _lora_config_case(bias="some"), ValueError,
      r"adapter_config\.json: LoRAConfig\.bias='some'"),
-    ("lora-peft-type", "wrong-result", _lora_config_case(peft_type="IA3"), ValueError, r"peft_type='IA3'"),
+    ("lora-peft-type", "wrong-result", _lora_config_case(peft_type="PROMPT_TUNING"), ValueError, r"peft_type='PROMPT_TUNING'"),
     ("lora-nan", "wrong-result", _lora_tensor_case(_nan), ValueError,
      r"lora/adapter_model\.safetensors: tensor\(s\) .* hold NaN or infinite values"),
     ("lora-one-inf", "wrong-result", _lora_tensor_case(_one_inf), ValueError, r"hold NaN or infinite"),
