@@ -17,6 +17,7 @@ __all__ = ["METHODS", "PRECISIONS", "SCHEDULES", "ModelConfig", "DataConfig", "L
 METHODS = ("prompt", "ptuning", "lora", "qlora", "head")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
+DISTRIBUTED = ("ddp", "fsdp2")  # multi-process strategies (train.distributed.STRATEGIES)
 TASKS = ("auto", "classify", "instruct")
 
 # Learning rates that suit each method on the bundled data (prompts need a much larger step
@@ -115,6 +116,7 @@ class LoopConfig:
     grad_checkpointing: bool = False  # recompute activations in backward (frozen base safe)
     device: str = "auto"            # auto (cuda if available) | cpu | cuda | cuda:N
     progress: bool = True           # show a tqdm progress bar on rank 0
+    distributed: str = "ddp"        # under torchrun: ddp (whole model per process) | fsdp2 (frozen base sharded)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -132,6 +134,8 @@ class LoopConfig:
         _check(self.save_every >= 0, f"save_every={self.save_every}; expected >= 0")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                f"device={self.device!r}; expected auto, cpu, cuda or cuda:N")
+        _check(self.distributed in DISTRIBUTED,
+               f"distributed={self.distributed!r}; expected one of {DISTRIBUTED}")
 
 
 @dataclass(frozen=True)
