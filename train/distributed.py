@@ -67,16 +67,20 @@ def wrap(model: nn.Module, strategy: str, world: int, device: torch.device) -> n
     return model
 
 
+def _unwrap(net: nn.Module) -> nn.Module:
+    return getattr(net, "_orig_mod", net)  # a torch.compile'd module holds the original
+
+
 def _is_fsdp2(net: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
-    return isinstance(net, FSDPModule)
+    return isinstance(_unwrap(net), FSDPModule)
 
 
 def accumulate(net: nn.Module, last: bool) -> contextlib.AbstractContextManager:
     """Context for one micro-batch's forward+backward: DDP skips its all-reduce (``no_sync``)
     on all but the last micro-batch of a step; FSDP2 and one process need nothing."""
-    if isinstance(net, nn.parallel.DistributedDataParallel) and not last:
-        return net.no_sync()
+    if isinstance(_unwrap(net), nn.parallel.DistributedDataParallel) and not last:
+        return _unwrap(net).no_sync()
     return contextlib.nullcontext()
 
 
