@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .nf4_backends import check_backend, dequantize_with
 from .nf4 import (NF4State, check_packed, codebook, dequantize_nf4, dynamic_map_8bit, quantize_nf4,
                   warm_tables)
 
@@ -57,11 +58,15 @@ class NF4Linear(nn.Module):
         state: its ``NF4State`` (``state.shape`` must be [out, in]).
         bias: optional float [out]; kept frozen.
         compute_dtype: dtype of the matmul; None uses the input's dtype.
+        backend: how the weight is dequantized: "torch" (default, pure PyTorch), "bnb"
+            (bitsandbytes' kernels) or "compile" (torch.compile'd); see ``lora.nf4_backends``.
     """
 
     def __init__(self, packed: torch.Tensor, state: NF4State, bias: Optional[torch.Tensor] = None,
-                 compute_dtype: Optional[torch.dtype] = None) -> None:
+                 compute_dtype: Optional[torch.dtype] = None, backend: str = "torch") -> None:
         super().__init__()
+        self.backend = check_backend(backend)
+        self._backend_cache: dict = {}
         if len(state.shape) != 2:
             raise ValueError(f"state.shape={tuple(state.shape)}: expected a 2-D [out, in] weight")
         check_packed(packed, state)
@@ -76,14 +81,16 @@ class NF4Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
                     compute_dtype: Optional[torch.dtype] = None, quant_type: str = "nf4",
-                    rounding: str = "auto") -> "NF4Linear":
+                    rounding: str = "auto", backend: str = "torch") -> "NF4Linear":
         """Quantize an ``nn.Linear`` (weight [out, in]); see ``quantize_nf4`` for the arguments."""
         packed, state = quantize_nf4(linear.weight, blocksize, double_quant, quant_type, rounding)
-        return cls(packed, state, linear.bias, compute_dtype)
+        return cls(packed, state, linear.bias, compute_dtype, backend)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight as a dense [out, in] tensor in ``dtype``."""
-        return dequantize_nf4(self.weight, self.state, dtype)
+        """The weight as a dense [out, in] tensor in ``dtype`` (by ``self.backend``)."""
+        if self.backend == "torch":
+            return dequantize_nf4(self.weight, self.state, dtype)
+        return dequantize_with(self.backend, self.weight, self.state, dtype, self._backend_cache)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out) in x's dtype, computed in ``compute_dtype``."""
