@@ -49,9 +49,10 @@ def test_dequantize_bits_equal_bitsandbytes(quant_type, dtype, shape, blocksize)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_dequantize_bits_equal_bitsandbytes_kernel(dtype):
-    """Several dequantization chunks, a fresh (huge-page advised) output: bnb's CPU kernel."""
+    """Many dequantization chunks into a fresh >= 4 MiB output (the huge-page advised path of
+    lora/nf4_alloc.py), against bnb's CPU kernel."""
     import copy
-    w = _weight((1024, 512), seed=3)
+    w = _weight((2048, 1024), seed=3)
     ref_packed, ref = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4",
                                          compress_statistics=True)
     packed, state = quantize_nf4(w, 64, double_quant=True)
@@ -150,3 +151,14 @@ def test_packed_weight_is_a_frozen_uint8_parameter():
     assert "weight" not in dict(layer.named_buffers())
     layer.load_state_dict(NF4Linear.from_linear(_lin(_weight((8, 64), seed=2))).state_dict())
     assert isinstance(layer.weight, torch.nn.Parameter) and not layer.weight.requires_grad
+
+
+def test_huge_page_output_is_an_ordinary_tensor():
+    import sys
+    from lora import nf4_alloc
+    if sys.platform.startswith("linux"):
+        assert nf4_alloc._madvise() is not None  # the advice is really given here
+    out = nf4_alloc.empty_output(torch.Size([1024, 2048]), torch.float32, torch.device("cpu"))
+    assert out.shape == (1024, 2048) and out.dtype == torch.float32 and out.is_contiguous()
+    out.fill_(1.5)
+    assert float(out.sum()) == 1.5 * 1024 * 2048
