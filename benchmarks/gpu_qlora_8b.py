@@ -68,7 +68,7 @@ def build_base(config: dict, device: torch.device) -> transformers.PreTrainedMod
 def build_ours(config: dict, device: torch.device) -> torch.nn.Module:
     model = build_base(config, device)
     lora.quantize_model(model, skip=("lm_head",), blocksize=BLOCKSIZE, double_quant=True,
-                        compute_dtype=torch.bfloat16, device=device)
+                        compute_dtype=torch.bfloat16)  # on the model's device
     torch.manual_seed(SEED + 1)
     model = lora.add_lora(model, lora.LoRAConfig(r=RANK, alpha=ALPHA, target_modules=TARGETS))
     for p in model.parameters():
@@ -93,6 +93,8 @@ def build_peft(config: dict, device: torch.device) -> torch.nn.Module:
         q.weight = bnb.nn.Params4bit(dense.weight.data, requires_grad=False, quant_type="nf4",
                                      compress_statistics=True, blocksize=BLOCKSIZE,
                                      bnb_quantized=False).to(device)  # quantizes on the move
+        if dense.bias is not None:
+            q.bias = dense.bias
         setattr(parent, attr, q)
         del dense
     torch.manual_seed(SEED + 1)
