@@ -245,7 +245,8 @@ def load_quantized(model: nn.Module, path: str | os.PathLike,
         parts = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".weight")}
         state = quant_state_from_tensors(parts, device)
         bias = sd.get(name + ".bias")
-        layer = NF4Linear(sd[name + ".weight"], state, bias, compute_dtype)
+        packed = sd[name + ".weight"].view(torch.uint8)  # bitsandbytes may store other dtypes
+        layer = NF4Linear(packed, state, bias, compute_dtype)
         parent, attr = _parent(model, name)
         setattr(parent, attr, layer)
     result = model.load_state_dict(sd, strict=False, assign=True)

@@ -19,6 +19,7 @@ __all__ = ["METHODS", "PRECISIONS", "SCHEDULES", "ModelConfig", "DataConfig", "L
 METHODS = ("prompt", "ptuning", "lora", "qlora", "ia3", "bottleneck", "head")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
+DISTRIBUTED = ("ddp", "fsdp2")  # multi-process strategies (train.distributed.STRATEGIES)
 LOGS = ("jsonl", "tensorboard")
 TASKS = ("auto", "classify", "instruct")
 
@@ -229,6 +230,7 @@ class LoopConfig:
     grad_checkpointing: bool = False  # recompute activations in backward (frozen base safe)
     device: str = "auto"            # auto (cuda if available) | cpu | cuda | cuda:N
     progress: bool = True           # show a tqdm progress bar on rank 0
+    distributed: str = "ddp"        # under torchrun: ddp (whole model per process) | fsdp2 (frozen base sharded)
     compile: bool = False           # run the model's forward through torch.compile (same numbers, to fp32 rounding)
     log: str = "jsonl"              # jsonl (metrics.jsonl) | tensorboard (also TensorBoard events in tensorboard/)
 
@@ -252,6 +254,8 @@ class LoopConfig:
                "log='tensorboard' needs the tensorboard package: pip install tensorboard (or purepeft[log])")
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
                f"device={self.device!r}; expected auto, cpu, cuda or cuda:N")
+        _check(self.distributed in DISTRIBUTED,
+               f"distributed={self.distributed!r}; expected one of {DISTRIBUTED}")
 
 
 @dataclass(frozen=True)

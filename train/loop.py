@@ -3,8 +3,9 @@
 ``train`` takes any ``nn.Module`` whose ``forward(**batch)`` returns an object with ``.loss``
 (an adapted model from ``softprompt`` or ``lora``, or anything else with frozen and trainable
 parameters) and optimizes its trainable parameters only. Under ``torchrun`` (``WORLD_SIZE`` > 1)
-the same loop runs DDP: every rank reads its share of each global batch, gradients of the
-trainable parameters are averaged, rank 0 logs and writes checkpoints.
+the same loop runs DDP or FSDP2 (``cfg.distributed``, see ``train/distributed.py``): every rank
+reads its share of each global batch, gradients of the trainable parameters are averaged, rank 0
+logs and writes checkpoints.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
+from . import distributed
 from .atomic import atomic_write_text
 from .checkpoint import latest_checkpoint, load_checkpoint, named_trainable, remove_orphans, save_checkpoint
 from .config import LoopConfig
@@ -117,7 +119,8 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
         cfg: loop knobs (steps, batch, accumulation, precision, schedule, checkpoints...).
         run_dir: output folder: ``metrics.jsonl``, ``loss.png``, ``checkpoints/``.
         lr: peak learning rate.
-        evaluate: called on rank 0 with the model in eval mode every ``cfg.eval_every`` steps;
+        evaluate: called with the model in eval mode every ``cfg.eval_every`` steps (on rank 0;
+            on every rank under FSDP2, whose forward is collective);
             returns JSON-ready metrics.
         write_adapter: writes the method's adapter folder into each checkpoint.
         resume: continue from ``run_dir``'s latest checkpoint.
@@ -154,8 +157,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
     if not params:
         raise ValueError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    # DDP buckets only parameters that require grad: the frozen base costs no all-reduce.
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net = distributed.wrap(model, cfg.distributed, world, device)  # DDP or FSDP2 (train/distributed.py)
     if cfg.compile:  # the forward only: checkpoints and adapters still see the plain model
         net = torch.compile(net)
 
@@ -247,8 +249,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
         loss_sum = torch.zeros((), dtype=torch.float64)
         for a, batch in enumerate(micro):
             batch = {k: v.to(device) for k, v in batch.items()}
-            sync = net.no_sync() if world > 1 and a < cfg.grad_accum - 1 else contextlib.nullcontext()
-            with sync:
+            with distributed.accumulate(net, last=a == cfg.grad_accum - 1):
                 with autocast():
                     out = net(**batch)
                 if counts[a] == 0:
@@ -269,6 +270,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
                 weighted = loss * (float(counts[a]) * world / float(total))
                 (scaler.scale(weighted) if scaler else weighted).backward()
                 loss_sum += loss.detach().double().cpu() * counts[a]
+        distributed.average_gradients(net, params, world)  # FSDP2 only: DDP averaged in backward
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         if cfg.max_grad_norm > 0:
@@ -303,7 +305,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
                         "s_per_step": window_time / len(window)})
             window, norms, window_tokens, window_time = [], [], 0.0, 0.0
         if evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-            if main:
+            if main or distributed.forward_needs_all_ranks(net):  # FSDP2: every rank runs forward
                 net.eval()
                 log_record({"kind": "eval", "step": done, **evaluate(model)})
                 net.train()
