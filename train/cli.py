@@ -87,10 +87,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def _rerun_config(loaded: dict, path: Path) -> dict:
     """A run folder's ``config.json`` also records ``effective_lr`` (the lr the run used): it pins
     ``loop.lr`` when the file leaves it unset, so the rerun uses the same step size even if the
-    method's default changes."""
+    method's default changes. Its ``fingerprint`` (content hashes that guard ``--resume``) is a
+    record of the finished run, not a setting: it is dropped."""
+    loaded = {k: v for k, v in loaded.items() if k != "fingerprint"}
     if "effective_lr" not in loaded:
         return loaded
-    loaded = dict(loaded)
     lr = loaded.pop("effective_lr")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)):
         raise ValueError(f"--config {path}: effective_lr={lr!r}; expected a number")

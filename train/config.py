@@ -46,6 +46,10 @@ _KINDS = {"str": ((str,), "a string"), "int": ((int,), "an integer"), "float": (
           "Optional[float]": ((int, float, type(None)), "a number or null")}
 
 
+# list fields whose entries are not all strings
+_ITEM_KINDS = {"layers_to_transform": (str, int), "rank_pattern": (str, list), "alpha_pattern": (str, list)}
+
+
 def _check_types(obj) -> None:
     """Reject a value of the wrong type (e.g. ``lora_r="8"`` from a JSON file), naming the field."""
     for f in dataclasses.fields(obj):
@@ -56,7 +60,8 @@ def _check_types(obj) -> None:
         value = getattr(obj, f.name)
         ok = isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
         if ok and allowed == (tuple, list):  # names; layer indices; [regex, value] pairs
-            ok = all(isinstance(v, (str, int, list)) and not isinstance(v, bool) for v in value)
+            items = _ITEM_KINDS.get(f.name, (str,))
+            ok = all(isinstance(v, items) and not isinstance(v, bool) for v in value)
         _check(ok, f"{f.name}={value!r} ({type(value).__name__}); expected {text}")
 
 
