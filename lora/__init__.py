@@ -8,7 +8,7 @@ from .config import LoRAConfig
 from .embedding import LoRAEmbedding
 from .heads import TrainedCopy
 from .ia3 import IA3Config, IA3Layer, add_ia3
-from .inject import add_lora, inject, lora_parameters, merge_lora, remove_lora, unmerge_lora
+from .inject import add_lora, inject_adapters, lora_parameters, merge_lora, remove_lora, unmerge_lora
 from .io import load_lora, lora_state_dict, save_lora
 from .layer import LoRALinear
 from .nf4 import NF4State, dequantize_nf4, quantize_nf4
@@ -22,7 +22,7 @@ __all__ = [
     "LoRAConfig", "LoRALinear", "TrainedCopy", "add_lora", "remove_lora", "merge_lora", "unmerge_lora",
     "lora_parameters", "lora_state_dict", "save_lora", "load_lora", "trainable_summary",
     "DEFAULT_TARGETS", "LINEAR_TYPES", "LORA_TYPES", "IA3_DEFAULT_TARGETS", "IA3_FEEDFORWARD",
-    "AdapterLayer", "LoRAEmbedding", "IA3Config", "IA3Layer", "add_ia3", "inject",
+    "AdapterLayer", "LoRAEmbedding", "IA3Config", "IA3Layer", "add_ia3", "inject_adapters",
     "NF4Linear", "quantize_nf4", "dequantize_nf4", "quantize_model", "dequantize_model",
     "NF4State", "memory_report", "QuantReport", "save_quantized", "load_quantized",
     "BottleneckConfig", "BottleneckAdapter", "add_bottleneck", "remove_bottleneck", "bottleneck_parameters",

@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .base import AdapterLayer
 from .config import ALL_LINEAR, TargetSpec, _check_names, _check_targets
-from .inject import check_no_adapter, inject
+from .inject import check_no_adapter, inject_adapters
 from .layer import _features
 from .targets import IA3_DEFAULT_TARGETS, IA3_FEEDFORWARD, resolve_heads, resolve_targets
 
@@ -180,7 +180,8 @@ def add_ia3(model: nn.Module, config: IA3Config) -> nn.Module:
     targets = resolve_targets(model, config.target_modules, exclude=heads, embeddings=False,
                               registry=IA3_DEFAULT_TARGETS, what="IA3")
     ff = _feedforward_spec(model, config)
-    return inject(model, config, targets, lambda name, base: IA3Layer(base, is_feedforward(name, ff)), heads)
+    return inject_adapters(model, config, targets,
+                           lambda name, base: IA3Layer(base, is_feedforward(name, ff)), heads)
 
 
 def peft_fields(model: nn.Module, config: IA3Config, wrapped: Sequence[tuple[str, nn.Module]]) -> dict[str, Any]:

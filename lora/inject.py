@@ -1,6 +1,6 @@
 """Module surgery shared by every weight-side method: inject / remove / merge / unmerge, and what trains.
 
-``inject`` is the one swap of targeted modules for ``AdapterLayer`` wrappers (LoRA on linear and
+``inject_adapters`` is the one swap of targeted modules for ``AdapterLayer`` wrappers (LoRA on linear and
 embedding layers here, IA3 in ``lora.ia3``, ...); ``add_lora`` builds LoRA's wrappers and calls it.
 One function, ``adapter_tensors``, walks the model by module type and names every tensor that
 belongs to the adapter; it decides both what trains (``lora_parameters``) and what is saved
@@ -22,13 +22,13 @@ from .heads import TrainedCopy
 from .layer import LoRALinear
 from .targets import resolve_heads, resolve_targets
 
-_STATE = "_lora_state"  # attribute set on the model by inject
+_STATE = "_lora_state"  # attribute set on the model by inject_adapters
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class AdapterState:
-    """What ``inject`` leaves on the model (as ``model._lora_state``)."""
+    """What ``inject_adapters`` leaves on the model (as ``model._lora_state``)."""
 
     # the method's frozen config (LoRAConfig, IA3Config, ...)
     config: Any
@@ -104,8 +104,8 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(unique.values())
 
 
-def inject(model: nn.Module, config: Any, targets: Sequence[str],
-           build: Callable[[str, nn.Module], AdapterLayer], heads: Sequence[str] = ()) -> nn.Module:
+def inject_adapters(model: nn.Module, config: Any, targets: Sequence[str],
+                    build: Callable[[str, nn.Module], AdapterLayer], heads: Sequence[str] = ()) -> nn.Module:
     """The one surgery: freeze ``model``, swap each target for ``build(name, module)``, give each
     head a ``TrainedCopy``, and record ``config`` (in place).
 
@@ -181,7 +181,7 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
             return LoRAEmbedding(base, r, alpha, config.use_rslora)
         return LoRALinear(base, r, alpha, config.dropout, config.use_rslora, config.use_dora)
 
-    return inject(model, config, targets, build, heads)
+    return inject_adapters(model, config, targets, build, heads)
 
 
 def _wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -121,7 +121,8 @@ def peft_config_dict(model: nn.Module) -> dict[str, Any]:
         "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True, "lora_bias": False,
         "exclude_modules": None, "layer_replication": None,
         "layers_to_transform": _listed(config.layers_to_transform), "layers_pattern": _listed(config.layers_pattern),
-        "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern), "target_parameters": None,
+        "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
+        "target_parameters": None,
         "trainable_token_indices": None, "use_qalora": False, "loftq_config": {},
     }
 
@@ -228,7 +229,8 @@ def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], whe
     given = {k: v for k, v in given.items() if not k.startswith(inner)}
     # peft also saves the full table of an adapted embedding (<p>.base_layer.weight); like peft,
     # it is loaded into the base embedding when present
-    optional = {f"{n}.base_layer.weight": m.base_layer.weight for n, m in _wrappers(model) if isinstance(m, LoRAEmbedding)}
+    optional = {f"{n}.base_layer.weight": m.base_layer.weight for n, m in _wrappers(model)
+                if isinstance(m, LoRAEmbedding)}
     own = {**own, **{k: w for k, w in optional.items() if k in given}}
     missing = sorted(set(own) - set(given))
     unexpected = sorted(set(given) - set(own))

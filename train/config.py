@@ -106,7 +106,7 @@ class ModelConfig:
     lora_r: int = 8                 # lora / qlora: rank
     lora_alpha: float = 8.0         # lora / qlora: scaling numerator (scaling = alpha / r)
     lora_dropout: float = 0.0       # lora / qlora: dropout on the adapter input
-    target_modules: tuple = ()      # lora / qlora / ia3: module names, or all-linear, or one regex; empty -> the registry default
+    target_modules: tuple = ()      # lora / qlora / ia3: module names, all-linear or one regex; empty -> registry
     use_rslora: bool = False        # lora / qlora: scaling alpha / sqrt(r) (rank-stabilized LoRA)
     use_dora: bool = False          # lora / qlora: weight-decomposed LoRA (a trainable magnitude per output row)
     train_bias: str = "none"        # lora / qlora: which biases train: none | all | lora_only (peft: bias)
@@ -114,11 +114,11 @@ class ModelConfig:
     alpha_pattern: tuple = ()       # lora / qlora: per-module alphas as REGEX=ALPHA entries
     layers_to_transform: tuple = ()  # lora / qlora: only these layer indices get adapters; empty -> all
     layers_pattern: str = ""        # lora / qlora: name of the layer list read by layers_to_transform, e.g. layers
-    modules_to_save: tuple = ()     # lora / qlora / ia3: extra modules trained in full (the classifier head always is)
-    feedforward_modules: tuple = ()  # ia3: targets whose input (not output) is scaled; empty -> the registry default
+    modules_to_save: tuple = ()     # lora / qlora / ia3: extra modules trained in full (besides the classifier head)
+    feedforward_modules: tuple = ()  # ia3: targets whose input (not output) is scaled; empty -> the registry
     nf4_blocksize: int = 64         # qlora: weights per absmax block of the 4-bit base
     nf4_double_quant: bool = True   # qlora: quantize the absmax constants too (8-bit, blocks of 256)
-    nf4_compute_dtype: str = "auto"  # qlora: matmul dtype of the 4-bit layers: auto (the base dtype) | fp32 | bf16 | fp16
+    nf4_compute_dtype: str = "auto"  # qlora: matmul dtype of the 4-bit layers: auto (base dtype) | fp32 | bf16 | fp16
     nf4_skip: tuple = ()            # qlora: modules left dense; empty -> the classifier head, or lm_head
     nf4_quant_type: str = "nf4"     # qlora: 4-bit code book: nf4 (QLoRA's NormalFloat) | fp4
     adapter_config: str = "pfeiffer"  # bottleneck: pfeiffer (after the feed-forward block) | houlsby (+ after attention)
@@ -158,7 +158,8 @@ class ModelConfig:
                 raise ValueError(f"layers_to_transform entry {item!r}; expected layer indices (ints >= 0)") from None
             _check(layers[-1] >= 0, f"layers_to_transform entry {item!r}; expected an int >= 0")
         object.__setattr__(self, "layers_to_transform", tuple(layers))
-        _check(not self.layers_pattern or bool(layers), f"layers_pattern={self.layers_pattern!r} needs layers_to_transform")
+        _check(not self.layers_pattern or bool(layers),
+               f"layers_pattern={self.layers_pattern!r} needs layers_to_transform")
         for name in ("modules_to_save", "feedforward_modules", "nf4_skip"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         _check(self.nf4_blocksize in (64, 128, 256, 512, 1024, 2048, 4096),

@@ -96,6 +96,16 @@ def test_bad_option_values(flags, match):
         config_from_args(build_parser().parse_args(["train", *flags]))
 
 
+def test_help_lists_the_new_flags():
+    parser = build_parser()
+    text = parser._subparsers._group_actions[0].choices["train"].format_help()
+    for flag in ("--use-dora", "--use-rslora", "--train-bias", "--rank-pattern", "--alpha-pattern",
+                 "--layers-to-transform", "--layers-pattern", "--modules-to-save", "--feedforward-modules",
+                 "--nf4-blocksize", "--no-nf4-double-quant", "--nf4-compute-dtype", "--nf4-skip", "--nf4-quant-type"):
+        assert flag in text, flag
+    assert "ia3" in text
+
+
 def test_demo_has_an_ia3_row():
     from train.demo import demo_rows
     for full in (False, True):
