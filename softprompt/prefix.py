@@ -176,9 +176,9 @@ class PrefixModel(nn.Module):
         check_length(self.backbone, self.config.n_virtual + length + int(new))
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        copies = 1
-        for name in ("num_beams", "num_return_sequences"):  # HF repeats each row this many times
-            copies *= int(generate_kwargs.get(name) or getattr(gen_cfg, name, None) or 1)
+        # HF repeats each row max(num_beams, num_return_sequences) times before the first step
+        copies = max(int(generate_kwargs.get(name) or getattr(gen_cfg, name, None) or 1)
+                     for name in ("num_beams", "num_return_sequences"))
         mask = self._prefixed_mask(attention_mask, batch, length)
         generate_kwargs[self.cache_name] = self.prefix_kv(batch * copies)
         return self.backbone.generate(input_ids=input_ids, attention_mask=mask, **generate_kwargs)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 import transformers
 from packaging.version import Version
@@ -16,6 +17,15 @@ SEQ_CLS = ["bert", "llama", "qwen2", "mistral", "gpt2"]
 # peft 0.21.2 re-injects the prefix at every decode step on transformers >= 5.24 (cache renamed),
 # so its generate() is a valid reference only below that
 PEFT_GENERATE_OK = Version(transformers.__version__) < Version("5.24.0")
+# and its SEQ_CLS prefix path raises there ("Model does not support past key values"): it looks for
+# `past_key_values` in the forward's signature
+PEFT_SEQ_CLS_OK = PEFT_GENERATE_OK
+PEFT_SEQ_CLS_SKIP = "peft 0.21.2's SEQ_CLS prefix tuning raises on transformers >= 5.24 (cache kwarg renamed)"
+
+
+def peft_case(task: str) -> list:
+    """pytest marks for a peft comparison of ``task`` on this transformers version."""
+    return [pytest.mark.skipif(task == "seq_cls" and not PEFT_SEQ_CLS_OK, reason=PEFT_SEQ_CLS_SKIP)]
 
 
 def backbone(family: str, task: str) -> torch.nn.Module:
