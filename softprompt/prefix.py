@@ -24,6 +24,8 @@ from softprompt.prefix_encoder import PrefixEncoder, PrefixGeometry, prefix_cach
 log = logging.getLogger(__name__)
 
 CACHE_NAMES = ("cache", "past_key_values")  # transformers >= 5.24, then <= 5.23
+_NO_CHECKPOINTING = ("prefix tuning does not work with gradient checkpointing (a recomputed layer would extend "
+                     "the prefix cache a second time); call backbone.gradient_checkpointing_disable()")
 
 
 def cache_keyword(module: nn.Module) -> str:
@@ -34,6 +36,10 @@ def cache_keyword(module: nn.Module) -> str:
             return name
     raise ValueError(f"{type(module).__name__}.forward takes no KV cache ({' or '.join(CACHE_NAMES)}); "
                      "prefix tuning needs one")
+
+
+def _checkpointing_on(backbone: nn.Module) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in backbone.modules())
 
 
 class PrefixModel(nn.Module):
@@ -56,9 +62,8 @@ class PrefixModel(nn.Module):
         if task not in TASKS:
             raise ValueError(f"task={task!r}; expected one of {TASKS}")
         self.geometry: PrefixGeometry = prefix_geometry(backbone)
-        if any(getattr(m, "gradient_checkpointing", False) for m in backbone.modules()):
-            raise ValueError("prefix tuning does not work with gradient checkpointing (recomputed layers would "
-                             "extend the prefix cache twice); call backbone.gradient_checkpointing_disable()")
+        if _checkpointing_on(backbone):
+            raise ValueError(_NO_CHECKPOINTING)
         self.cache_name = cache_keyword(getattr(backbone, "base_model", backbone))
         self.backbone, self.config, self.task = backbone, config, task
         backbone.requires_grad_(False)
@@ -129,6 +134,8 @@ class PrefixModel(nn.Module):
         for name in CACHE_NAMES:
             if kwargs.get(name) is not None:
                 raise ValueError(f"{name}= is not accepted: the prefix is the cache; use generate() to decode")
+        if self.training and _checkpointing_on(self.backbone):
+            raise ValueError(_NO_CHECKPOINTING)
         ref = input_ids if input_ids is not None else inputs_embeds
         if ref is None:
             raise ValueError("give input_ids or inputs_embeds")

@@ -3,6 +3,7 @@
 - ``head``: freeze the backbone, train only its classification head (the baseline);
 - ``prompt`` / ``ptuning``: ``softprompt.PromptModel`` (the head trains too for classification,
   as in peft);
+- ``prefix``: ``softprompt.PrefixModel`` (per-layer key/value prefixes; the head trains too);
 - ``lora``: ``lora.add_lora`` (for classification the head gets a trained copy, as in peft);
 - ``qlora``: ``lora.quantize_model`` (NF4 base) then ``add_lora``.
 """
@@ -77,6 +78,11 @@ def _build(backbone: torch.nn.Module, cfg: ModelConfig, task: str, tokenizer) ->
                             encoder=cfg.encoder, encoder_hidden=cfg.encoder_hidden or None,
                             pool=cfg.prompt_pool if task == "seq_cls" else "backbone")
         return PromptModel(backbone, pcfg, tokenizer=tokenizer, task=task)
+    if method == "prefix":
+        from softprompt import PrefixConfig, PrefixModel
+        xcfg = PrefixConfig(n_virtual=cfg.n_virtual, projection=cfg.prefix_projection,
+                            encoder_hidden=cfg.encoder_hidden or None)
+        return PrefixModel(backbone, xcfg, task=task)
     if method in ("lora", "qlora"):
         import lora
         heads = (head_name(backbone),) if task == "seq_cls" else ()
@@ -89,7 +95,7 @@ def _build(backbone: torch.nn.Module, cfg: ModelConfig, task: str, tokenizer) ->
         lcfg = lora.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                target_modules=cfg.target_modules or None, modules_to_save=heads)
         return lora.add_lora(backbone, lcfg)
-    raise ValueError(f"method={method!r}; expected prompt, ptuning, lora, qlora or head")
+    raise ValueError(f"method={method!r}; expected prompt, ptuning, prefix, lora, qlora or head")
 
 
 def _atomic_save(tensors: dict, path: Path) -> None:
@@ -118,11 +124,14 @@ def save_adapted(model: torch.nn.Module, method: str, folder: Path) -> Path:
     elif method in ("prompt", "ptuning"):
         from softprompt import save_prompt
         save_prompt(model, folder)
+    elif method == "prefix":
+        from softprompt import save_prefix
+        save_prefix(model, folder)
     elif method in ("lora", "qlora"):
         from lora import save_lora
         save_lora(model, folder)
     else:
-        raise ValueError(f"method={method!r}; expected prompt, ptuning, lora, qlora or head")
+        raise ValueError(f"method={method!r}; expected prompt, ptuning, prefix, lora, qlora or head")
     return folder
 
 
@@ -143,6 +152,9 @@ def load_adapted(backbone: torch.nn.Module, method: str, folder: Path) -> torch.
     if method in ("prompt", "ptuning"):
         from softprompt import load_prompt
         return load_prompt(backbone, folder)
+    if method == "prefix":
+        from softprompt import load_prefix
+        return load_prefix(backbone, folder)
     if method in ("lora", "qlora"):
         import lora
         if method == "qlora":
@@ -152,7 +164,7 @@ def load_adapted(backbone: torch.nn.Module, method: str, folder: Path) -> torch.
             lora.quantize_model(backbone, skip=heads or ("lm_head",),
                                 compute_dtype=None if dtype == torch.float32 else dtype)
         return lora.load_lora(backbone, folder)
-    raise ValueError(f"method={method!r}; expected prompt, ptuning, lora, qlora or head")
+    raise ValueError(f"method={method!r}; expected prompt, ptuning, prefix, lora, qlora or head")
 
 
 def count_trainable(model: torch.nn.Module) -> int:

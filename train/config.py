@@ -14,14 +14,14 @@ from typing import Optional
 __all__ = ["METHODS", "PRECISIONS", "SCHEDULES", "ModelConfig", "DataConfig", "LoopConfig",
            "RunConfig", "default_lr"]
 
-METHODS = ("prompt", "ptuning", "lora", "qlora", "head")
+METHODS = ("prompt", "ptuning", "prefix", "lora", "qlora", "head")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 TASKS = ("auto", "classify", "instruct")
 
 # Learning rates that suit each method on the bundled data (prompts need a much larger step
 # than weights; these follow the usual published settings for each method).
-_DEFAULT_LR = {"head": 1e-2, "prompt": 3e-2, "ptuning": 1e-2, "lora": 5e-4, "qlora": 5e-4}
+_DEFAULT_LR = {"head": 1e-2, "prompt": 3e-2, "ptuning": 1e-2, "prefix": 1e-2, "lora": 5e-4, "qlora": 5e-4}
 
 
 def default_lr(method: str) -> float:
@@ -36,14 +36,15 @@ def _check(ok: bool, msg: str) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    method: str = "lora"            # prompt | ptuning | lora | qlora | head (classifier head only)
+    method: str = "lora"            # prompt | ptuning | prefix | lora | qlora | head (classifier head only)
     model: str = "minilm"           # bundled name (minilm, smollm2) or a local Hugging Face folder
     base_dtype: str = "fp32"        # dtype of the frozen base weights: fp32 | bf16 | fp16 (adapters stay fp32)
-    n_virtual: int = 20             # prompt / ptuning: number of virtual tokens
+    n_virtual: int = 20             # prompt / ptuning / prefix: number of virtual tokens
     prompt_init: str = "random"     # prompt: random | text | vocab
     prompt_init_text: str = ""      # prompt with prompt_init=text: the text whose embeddings seed the table
     encoder: str = "mlp"            # ptuning: mlp | lstm reparameterization
-    encoder_hidden: int = 0         # ptuning: encoder width; 0 means the model's hidden size
+    encoder_hidden: int = 0         # ptuning, prefix with projection: encoder width; 0 = hidden size (prefix: kv width)
+    prefix_projection: bool = False  # prefix: reparameterize the prefixes through an MLP (peft: prefix_projection)
     prompt_pool: str = "backbone"   # prompt / ptuning classifiers: backbone (peft: pools the first virtual token) | real_cls
     lora_r: int = 8                 # lora / qlora: rank
     lora_alpha: float = 8.0         # lora / qlora: scaling numerator (scaling = alpha / r)
@@ -63,6 +64,8 @@ class ModelConfig:
         _check(self.prompt_pool in ("backbone", "real_cls"),
                f"prompt_pool={self.prompt_pool!r}; expected backbone or real_cls")
         _check(self.encoder_hidden >= 0, f"encoder_hidden={self.encoder_hidden}; expected >= 0")
+        _check(not self.prefix_projection or self.method == "prefix",
+               f"prefix_projection=True is only used with method='prefix', got method={self.method!r}")
         _check(self.lora_r > 0, f"lora_r={self.lora_r}; expected > 0")
         _check(self.lora_alpha > 0, f"lora_alpha={self.lora_alpha}; expected > 0")
         _check(0.0 <= self.lora_dropout < 1.0, f"lora_dropout={self.lora_dropout}; expected in [0, 1)")

@@ -167,6 +167,10 @@ def test_bad_inputs_are_named():
     model.gradient_checkpointing_enable()
     with pytest.raises(ValueError, match="gradient checkpointing"):
         PrefixModel(model, PrefixConfig(n_virtual=3))
+    pm = PrefixModel(tiny_causal_lm("llama"), PrefixConfig(n_virtual=3))
+    pm.backbone.gradient_checkpointing_enable()  # switched on after wrapping (as a training loop may)
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        pm.train()(input_ids=torch.randint(3, 500, (2, 5)))
     with pytest.raises(ValueError, match="task='tagging'"):
         PrefixModel(tiny_causal_lm("llama"), PrefixConfig(n_virtual=3), task="tagging")
     pm = PrefixModel(tiny_causal_lm("llama"), PrefixConfig(n_virtual=3))
