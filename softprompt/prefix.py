@@ -83,7 +83,7 @@ class PrefixModel(nn.Module):
     def prefix_kv(self, batch_size: int) -> Any:
         """The prefilled cache for a batch: layer l holds key, value [B, H_kv, n_virtual, D] in the
         backbone's dtype (dropout, if configured, draws one mask per row in training)."""
-        flat = self.prefix().expand(batch_size, -1, -1)  # (B, n, width), no copy
+        flat = self.prefix_encoder(batch_size)  # (B, n, width)
         # cast after the broadcast (peft casts its batched output): the backward sums rows in fp32
         flat = flat.to(self._dtype())
         if self.config.dropout > 0.0 and self.training:

@@ -106,9 +106,19 @@ class PrefixEncoder(nn.Module):
                 else:
                     self.embedding.weight.zero_()
 
-    def forward(self) -> torch.Tensor:
-        """Returns: [n_virtual, 2 * L * kv_width], every layer's key and value prefix (fp32)."""
+    def forward(self, batch_size: int | None = None) -> torch.Tensor:
+        """Args:
+            batch_size: None for one copy; B to broadcast the table over a batch first.
+        Returns:
+            [n_virtual, 2 * L * kv_width] (or [B, n_virtual, ...]), every layer's key and value
+            prefix, fp32 (the MLP's dtype under autocast).
+
+        With a batch the MLP runs on the broadcast table, as peft's does: under autocast its
+        weight gradients are then one low-precision matmul over B * n rows, bit for bit peft's.
+        """
         table = self.embedding.weight  # (n, kv_width) with projection, else (n, width)
+        if batch_size is not None:
+            table = table.expand(batch_size, -1, -1)  # (B, n, .), no copy
         return self.transform(table) if self.transform is not None else table
 
 

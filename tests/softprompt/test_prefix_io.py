@@ -14,7 +14,7 @@ from tests.softprompt.prefix_pairs import backbone, build_prefix_pair, labels_fo
 
 peft = pytest.importorskip("peft")
 
-TOL = dict(atol=1e-6, rtol=1e-6)
+TOL = dict(atol=1e-6, rtol=1e-6)  # a live projection MLP (run on the batch) vs its saved output
 CASES = [("llama", True, "causal_lm"), ("gpt2", False, "causal_lm"), ("qwen2", True, "causal_lm"),
          ("mistral", False, "causal_lm"), ("bert", True, "seq_cls"), ("llama", False, "seq_cls")]
 PEFT_CASES = [pytest.param(*case, marks=peft_case(case[2])) for case in CASES]
