@@ -128,6 +128,15 @@ def test_generate_beams_and_sampling_run():
     assert sampled.shape == (2, 8)
 
 
+def test_backbone_outputs_pass_through():
+    """Extra forward options reach the backbone; hidden states cover the input positions only."""
+    pm = PrefixModel(tiny_causal_lm("qwen2"), PrefixConfig(n_virtual=3))
+    out = pm(input_ids=torch.randint(3, 500, (2, 5)), output_hidden_states=True)
+    assert len(out.hidden_states) == 3 and out.hidden_states[-1].shape == (2, 5, 16)
+    assert pm.get_output_embeddings() is pm.backbone.lm_head
+    assert pm.get_input_embeddings() is pm.backbone.get_input_embeddings()
+
+
 def test_dropout_is_per_row_in_training_only():
     """dropout (not peft) zeroes prefix entries in training, one mask per row; eval is exact."""
     torch.manual_seed(0)
