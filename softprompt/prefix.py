@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 from torch.func import functional_call
+from transformers.cache_utils import DynamicCache
 
 from softprompt.model import TASKS, _find_head, check_length
 from softprompt.prefix_config import PrefixConfig
@@ -80,7 +81,7 @@ class PrefixModel(nn.Module):
         """Returns: the current prefixes [n_virtual, 2 * layers * kv_width], fp32."""
         return self.prefix_encoder()
 
-    def prefix_kv(self, batch_size: int) -> Any:
+    def prefix_kv(self, batch_size: int) -> DynamicCache:
         """The prefilled cache for a batch: layer l holds key, value [B, H_kv, n_virtual, D] in the
         backbone's dtype (dropout, if configured, draws one mask per row in training)."""
         flat = self.prefix_encoder(batch_size)  # (B, n, width)
