@@ -92,7 +92,7 @@ def test_json_config_file_and_flag_priority(folders, tmp_path):
 @pytest.mark.parametrize("flags,match", [
     (["--data", "/nonexistent/data.csv"], r"is neither a bundled name .* nor an existing file"),
     (["--method", "adapterx"], "method='adapterx'; expected one of"),
-    (["--method", "lora", "--prefix-projection"], "prefix_projection=True is only used with method='prefix'"),
+    (["--method", "lora", "--prefix-projection"], "prefix_projection=True is only used by method prefix"),
     (["--lr", "0"], "lr=0.0; expected a positive finite learning rate"),
     (["--lr=-1e-3"], "lr=-0.001; expected a positive"),
     (["--batch-size", "0"], "batch_size=0; expected an integer > 0"),

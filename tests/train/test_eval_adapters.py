@@ -37,7 +37,7 @@ def test_answer_accuracy_matches_one_prompt_at_a_time(wrap):
 
 @pytest.mark.parametrize("method", ["head", "prompt", "ptuning", "prefix", "lora", "qlora"])
 def test_adapter_save_load_round_trip(tmp_path, method):
-    knobs = {"prompt": {"n_virtual": 4}, "ptuning": {"n_virtual": 4}, "head": {},
+    knobs = {"prompt": {"n_virtual": 4}, "ptuning": {"n_virtual": 4}, "prefix": {"n_virtual": 4}, "head": {},
              "lora": {"lora_r": 2, "target_modules": ("query", "value")}}
     cfg = ModelConfig(method=method, **knobs.get(method, knobs["lora"]))
     torch.manual_seed(0)
