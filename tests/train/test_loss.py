@@ -212,3 +212,14 @@ def test_cli_loss_flag(tmp_path):
     assert tensors["full"].keys() == tensors["labelled"].keys()
     for key, value in tensors["full"].items():
         torch.testing.assert_close(tensors["labelled"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_bf16_autocast_agrees_to_bf16_rounding():
+    model = adapted("lora").train()
+    batch = instruct_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, ref_grads = loss_and_grads(model, full, batch)
+        ours, grads = loss_and_grads(model, lambda m, b: labelled_loss(m, b, 5), batch)
+    torch.testing.assert_close(ours, ref, rtol=2e-2, atol=2e-2)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=5e-2, atol=5e-3, msg=name)
