@@ -234,3 +234,10 @@ def test_generate_refuses_right_padding():
     ours, _ = build_pair("llama", CFG)
     with pytest.raises(ValueError, match="left padding"):
         ours.generate(**batch("llama", pad="right"), max_new_tokens=2)
+
+
+def test_without_cache_the_prompt_enters_every_step():
+    ours, _ = build_pair("gpt2", CFG)
+    data = batch("gpt2", b=2, length=6, pad="left", seed=12)
+    assert torch.equal(ours.generate(**data, max_new_tokens=6, use_cache=False),
+                       ours.generate(**data, max_new_tokens=6))
