@@ -99,8 +99,13 @@ def load(name: str, batch: int | None = None, seq: int | None = None,
                     batch or b, seq or s, list(spec["targets"]), spec["skip"])
 
 
-def make_batch(bb: Backbone, seed: int = 0, device: str | torch.device = "cpu") -> dict:
-    """A fixed random batch: ids (B, T), mask ones (B, T), labels (B,) or (B, T)."""
+def make_batch(bb: Backbone, seed: int = 0, device: str | torch.device = "cpu",
+               answer: int | None = None) -> dict:
+    """A fixed random batch: ids (B, T), mask ones (B, T), labels (B,) or (B, T).
+
+    answer: causal LM only; None labels every token, N labels only the last N of each row
+    (instruction shaped: the prompt's labels are -100).
+    """
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, bb.vocab, (bb.batch, bb.seq), generator=gen)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
@@ -108,6 +113,8 @@ def make_batch(bb: Backbone, seed: int = 0, device: str | torch.device = "cpu") 
         batch["labels"] = torch.randint(0, 2, (bb.batch,), generator=gen)
     else:
         batch["labels"] = ids.clone()
+        if answer is not None:
+            batch["labels"][:, :bb.seq - answer] = -100
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -190,13 +197,14 @@ def builders(bb: Backbone, method: str, **kw) -> dict[str, Callable[[], torch.nn
 
 # ------------------------------------------------------------------------------ training step
 def train_step(model: torch.nn.Module, batch: dict, amp: torch.dtype | None,
-               lr: float = 1e-4) -> Callable[[], None]:
+               lr: float = 1e-4, loss_fn: Callable | None = None) -> Callable[[], None]:
     """One optimizer step (forward, backward, AdamW, zero_grad) as a closure.
 
     Args:
         model: an adapted model; its parameters with requires_grad are what trains.
         batch: keyword arguments of the forward (labels included).
         amp: None for fp32, else the autocast dtype (torch.bfloat16 on CPU).
+        loss_fn: (model, batch) -> loss; default the model's own ``forward(**batch).loss``.
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -205,7 +213,7 @@ def train_step(model: torch.nn.Module, batch: dict, amp: torch.dtype | None,
 
     def step() -> None:
         with torch.autocast(device_type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-            loss = model(**batch).loss
+            loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -5,9 +5,14 @@ are built on copies of the same backbone and timed alternately in this one proce
 Peak memory = bytes torch allocates during one step above what was allocated before it.
 
     python benchmarks/bench_step.py            # MiniLM 16x64, fp32 + bf16 autocast (~3 min)
-    python benchmarks/bench_step.py --full     # + SmolLM2-135M 4x128 (many minutes on 2 cores)
+    python benchmarks/bench_step.py --full     # + SmolLM2-135M 8x96 (many minutes on 2 cores)
     python benchmarks/bench_step.py --backbones smollm2 --precisions fp32 --threads 1 --clock cpu
 Each backbone's table goes to its own docs section (step-minilm, step-smollm2, ...-gpu).
+
+Causal LMs get instruction-shaped labels (only the last ANSWER_TOKENS of each row labelled) and a
+third candidate: ours with the full-logits loss (the model's own ``.loss``, as peft uses), next to
+ours with the default labelled-only loss (train/loss.py). The step-0 loss of ours and peft is
+printed too: the ratios compare the same loss.
     python benchmarks/bench_step.py --quick    # tiny random models, seconds
 """
 from __future__ import annotations
@@ -30,25 +35,52 @@ N_VIRTUAL = 20   # soft-prompt length
 RANK = 8         # LoRA rank (alpha = 2 * rank), targets: query/value or q_proj/v_proj
 REPEATS = 5
 SECTION = "step"
+CAUSAL_SHAPE = (8, 96)  # causal-LM batch x sequence
+ANSWER_TOKENS = 3       # labelled tokens at the end of each causal-LM row (instruction shaped)
+
+
+def labelled(model, batch):
+    from train.loss import labelled_loss
+    return labelled_loss(model, batch)
 
 
 def measure(bb: B.Backbone, method: str, amp, warmup: int, repeats: int,
             device: str = "cpu") -> list:
     """One table row: times, ratios and peak memory of ours and peft for one case."""
-    batch = B.make_batch(bb, device=device)
+    causal = bb.task == "causal_lm"
+    batch = B.make_batch(bb, device=device, answer=ANSWER_TOKENS if causal else None)
     kw = {"n_virtual": N_VIRTUAL} if method in B.PROMPT_METHODS else {"r": RANK}
     kw["device"] = device
-    steps, trainable = {}, {}
+    models, trainable = {}, {}
     for side, build in B.builders(bb, method, **kw).items():
-        model = build()
-        trainable[side] = B.n_trainable(model)
-        steps[side] = B.train_step(model, batch, amp)
+        torch.manual_seed(0)  # the same prompt init on both sides
+        models[side] = build()
+        trainable[side] = B.n_trainable(models[side])
+    steps = {"ours": B.train_step(models["ours"], batch, amp, loss_fn=labelled if causal else None),
+             "peft": B.train_step(models["peft"], batch, amp)}
+    if causal:  # the same model of ours, with the full-logits loss
+        steps["ours-full"] = B.train_step(models["ours"], batch, amp)
+        with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=amp or torch.bfloat16,
+                                             enabled=amp is not None):
+            delta = abs(float(labelled(models["ours"], batch)) - float(models["peft"](**batch).loss))
     times = time_alternating(steps, warmup=warmup, repeats=repeats, device=device)
     ms = {k: median_ms(v) for k, v in times.items()}
     mem = {k: peak_memory(f, device) for k, f in steps.items()}
-    return [f"{trainable['ours']:,}", f"{ms['ours']:.0f}", f"{ms['peft']:.0f}",
-            ratio(ms["ours"], ms["peft"]), mib(mem["ours"]), mib(mem["peft"]),
-            ratio(mem["ours"], mem["peft"])]
+    if not causal:
+        return [f"{trainable['ours']:,}", f"{ms['ours']:.0f}", f"{ms['peft']:.0f}",
+                ratio(ms["ours"], ms["peft"]), mib(mem["ours"]), mib(mem["peft"]),
+                ratio(mem["ours"], mem["peft"])]
+    return [f"{trainable['ours']:,}", f"{ms['ours']:.0f}", f"{ms['ours-full']:.0f}", f"{ms['peft']:.0f}",
+            ratio(ms["ours"], ms["peft"]), ratio(ms["ours-full"], ms["peft"]),
+            ratio(ms["ours"], ms["ours-full"]), mib(mem["ours"]), mib(mem["ours-full"]), mib(mem["peft"]),
+            ratio(mem["ours"], mem["peft"]), f"{delta:.1e}"]
+
+
+HEADERS = ["backbone", "method", "precision", "trainable", "ours ms", "peft ms", "time ours/peft",
+           "ours MiB", "peft MiB", "mem ours/peft"]
+CAUSAL_HEADERS = ["backbone", "method", "precision", "trainable", "ours ms", "ours full-logits ms",
+                  "peft ms", "time ours/peft", "full-logits/peft", "labelled/full", "ours MiB",
+                  "ours full-logits MiB", "peft MiB", "mem ours/peft", "|loss ours - peft|"]
 
 
 def main() -> None:
@@ -63,15 +95,17 @@ def main() -> None:
                                 FULL_BACKBONES if args.full else BACKBONES))
     repeats = 2 if args.quick else args.repeats
     for name in names:
-        bb = B.load(name)
+        causal = B.BACKBONES[name]["task"] == "causal_lm"
+        bb = B.load(name, *(CAUSAL_SHAPE if causal and not name.startswith("tiny") else ()))
         rows, source = [], f"{name}: {bb.source}, batch {bb.batch} x {bb.seq}"
+        width = len(CAUSAL_HEADERS if causal else HEADERS) - 3
         for prec in args.precisions:
             for method in args.methods:
                 try:
                     cells = measure(bb, method, PRECISIONS[prec], args.warmup, repeats,
                                     args.device)
                 except Exception as exc:  # a missing feature must not hide the other rows
-                    cells = [f"error: {type(exc).__name__}: {str(exc)[:60]}"] + [""] * 6
+                    cells = [f"error: {type(exc).__name__}: {str(exc)[:60]}"] + [""] * (width - 1)
                 rows.append([name, method, prec] + cells)
                 print(" | ".join(rows[-1]), flush=True)
                 gc.collect()
@@ -80,9 +114,13 @@ def main() -> None:
 
 def report(name: str, rows: list, source: str, repeats: int, threads: int, args) -> None:
     """Print one backbone's table and write it into its own docs section."""
-    table = markdown_table(["backbone", "method", "precision", "trainable", "ours ms", "peft ms",
-                            "time ours/peft", "ours MiB", "peft MiB", "mem ours/peft"], rows)
-    notes = (f"Backbone {source}. Median of {repeats} alternating steps after "
+    causal = B.BACKBONES[name]["task"] == "causal_lm"
+    table = markdown_table(CAUSAL_HEADERS if causal else HEADERS, rows)
+    labels = (f"Causal-LM labels: the last {ANSWER_TOKENS} tokens of each row (the rest -100). "
+              "ours = the labelled-only loss (train/loss.py, the default); ours full-logits = the "
+              "same model with its own full-logits loss; peft = peft's model with its full-logits "
+              "loss; |loss ours - peft| = the step-0 losses. ") if causal else ""
+    notes = (f"Backbone {source}. {labels}Median of {repeats} alternating steps after "
              f"{args.warmup} warm-up. {N_VIRTUAL} virtual tokens; LoRA r={RANK}, alpha={2 * RANK} "
              "on query/value (q_proj/v_proj); QLoRA = NF4 + double quantization on every other "
              "linear (peft side: bitsandbytes Linear4bit); IA3 on the model type's default targets. "

@@ -1,7 +1,7 @@
 """softprompt: Prompt Tuning, P-Tuning and prefix tuning (P-Tuning v2) for Hugging Face backbones."""
 from softprompt.config import PromptConfig
 from softprompt.encoder import PromptEncoder
-from softprompt.generate import decode, filter_logits
+from softprompt.generate import PromptInjection, generate_with_prompt
 from softprompt.inject import prepend_prompt
 from softprompt.io import load_prompt, save_prompt
 from softprompt.model import PromptModel
@@ -14,7 +14,7 @@ from softprompt.summary import count_parameters, trainable_summary
 
 __all__ = [
     "PromptConfig", "SoftPrompt", "PromptEncoder", "prepend_prompt", "PromptModel", "save_prompt",
-    "load_prompt", "trainable_summary", "count_parameters", "decode", "filter_logits",
+    "load_prompt", "trainable_summary", "count_parameters", "PromptInjection", "generate_with_prompt",
     "PrefixConfig", "PrefixModel", "PrefixEncoder", "PrefixGeometry", "prefix_geometry",
     "PREFIX_MODEL_TYPES", "save_prefix", "load_prefix",
 ]

@@ -1,130 +1,114 @@
-"""decode: a small KV-cached decode loop over plain forward calls, the prompt entering at prefill.
+"""Soft-prompt generation through the backbone's own Hugging Face ``generate``.
 
-Owning the loop (rather than hooking ``generate``'s input preparation) keeps it right across
-transformers versions: the cache object the model returns is handed back to it under whatever
-name the forward uses (``past_key_values`` up to 5.23, ``cache`` from 5.24).
+``generate_with_prompt`` calls ``backbone.generate`` unchanged, so every GenerationMixin
+feature works as documented by Hugging Face: greedy, sampling, beam search, logits processors
+(repetition penalty...), stopping criteria, streamers, ``generation_config``, ``max_length``,
+EOS handling, ``output_scores`` / ``return_dict_in_generate``. ``generate`` sees only the real
+``input_ids``: its lengths, penalties and stopping rules count real tokens, and the returned
+ids are the input ids then the new ids, never a virtual token.
+
+For the length of the call a forward pre-hook on the backbone (``PromptInjection``) changes
+what each forward receives:
+
+- prefill (no cache yet, or an empty one): ``input_ids`` (B, L) become
+  ``inputs_embeds = [prompt; embed(input_ids)]`` (B, n+L, d); the prompt enters once and the
+  cache carries it after that;
+- every call: a 2-D ``attention_mask`` gets n leading ones (generate's mask does not know the
+  virtual columns); ``position_ids`` (which generate derives from that mask) and
+  ``token_type_ids`` are dropped, so the model numbers positions from its cache length:
+  0..n+L-1 at prefill and n+L+t-1 at step t, as peft does.
+
+The cache is read under either name the forward uses (``past_key_values`` up to transformers
+5.23, ``cache`` from 5.24), so nothing depends on generate's internal bookkeeping. A method
+that enters as a prefilled cache instead (prefix tuning) overrides ``PromptInjection.prefill``.
 """
 from __future__ import annotations
 
-import inspect
-from typing import Optional, Union
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
+CACHE_NAMES = ("past_key_values", "cache")  # the forward's cache argument, before / from 5.24
 
-def decode(backbone: nn.Module, prompt: torch.Tensor, input_ids: torch.Tensor,
-           attention_mask: Optional[torch.Tensor], max_new_tokens: int, do_sample: bool = False,
-           temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-           eos_token_id: Union[int, list[int], None] = None, pad_token_id: Optional[int] = None,
-           generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Greedy or sampled decoding of a causal LM with a soft prompt.
 
-    Step 0 (prefill) feeds ``inputs_embeds = [prompt; emb(input_ids)]`` (B, n+L, d) with the
-    mask prefixed by n ones and positions 0..n+L-1; step t >= 1 feeds the last id (B, 1) at
-    position n+L+t-1 with the returned cache, so the prompt is computed once.
+class PromptInjection:
+    """A forward pre-hook (``with_kwargs=True``) that puts a soft prompt in front at prefill.
 
     Args:
-        backbone: a HF causal LM.
-        prompt: [n, d] prompt embeddings.
-        input_ids: [B, L] ids, left-padded when rows differ in length.
-        attention_mask: [B, L] or None (all ones).
-        max_new_tokens: the most tokens to add (>= 1).
-        do_sample, temperature, top_k, top_p: token choice, as HF's sampling processors
-            (temperature, then top-k, then top-p; min 1 token kept).
-        eos_token_id: id(s) that end a row; a finished row gets pad_token_id afterwards.
-        pad_token_id: filler for finished rows (default: the first EOS id).
-        generator: optional RNG for ``torch.multinomial``.
-    Returns:
-        [B, L + T] ids (T <= max_new_tokens; fewer when every row hit EOS).
+        prompt: [n, d] prompt embeddings (cast to the embedding dtype at use).
+        embed: the backbone's input embedding (``get_input_embeddings()``).
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}; expected >= 1")
-    if do_sample and temperature <= 0:
-        raise ValueError(f"temperature={temperature}; expected > 0 when sampling")
-    b, length = input_ids.shape
-    n = prompt.shape[0]
-    device = input_ids.device
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    elif bool((attention_mask.sum(dim=1) == 0).any()):
+
+    def __init__(self, prompt: torch.Tensor, embed: nn.Module) -> None:
+        self.prompt = prompt
+        self.embed = embed
+        self.n = prompt.shape[0]
+        self.prefills = 0  # how many forwards got the prompt (1 per generate call with a cache)
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            raise ValueError("generate() passed positional inputs to the forward; expected keywords only")
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("PromptModel.generate() builds inputs_embeds itself; pass input_ids only")
+        kwargs.pop("position_ids", None)
+        kwargs.pop("token_type_ids", None)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if mask.dim() != 2:
+                raise ValueError(f"attention_mask has {mask.dim()} dims at generation; expected a 2-D mask "
+                                 "(static caches build 4-D masks: use the default dynamic cache)")
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], self.n), mask], dim=1)
+        if self._is_prefill(kwargs):
+            self.prefills += 1
+            kwargs = self.prefill(kwargs)
+        return args, kwargs
+
+    @staticmethod
+    def _is_prefill(kwargs: dict) -> bool:
+        cache = next((kwargs[k] for k in CACHE_NAMES if kwargs.get(k) is not None), None)
+        return cache is None or int(cache.get_seq_length()) == 0
+
+    def prefill(self, kwargs: dict) -> dict:
+        """Replace ``input_ids`` (B, L) by ``inputs_embeds`` [prompt; embed(ids)] (B, n+L, d)."""
+        ids = kwargs.pop("input_ids")
+        tokens = self.embed(ids)  # (B, L, d)
+        block = self.prompt.expand(ids.shape[0], self.n, -1).to(tokens.dtype)  # (B, n, d)
+        kwargs["inputs_embeds"] = torch.cat([block, tokens], dim=1)
+        return kwargs
+
+
+def generate_with_prompt(backbone: nn.Module, injection: PromptInjection, input_ids: torch.Tensor,
+                         attention_mask: Optional[torch.Tensor] = None, **kwargs: Any) -> Any:
+    """Run ``backbone.generate(input_ids, attention_mask=..., **kwargs)`` with ``injection``
+    hooked on the backbone's forward for this call only.
+
+    Args:
+        backbone: a Hugging Face causal LM (a ``GenerationMixin``).
+        injection: what enters at prefill (``PromptInjection`` or a subclass).
+        input_ids: [B, L]; pad a batch on the LEFT and give ``attention_mask``.
+        attention_mask: [B, L] or None (generate's default).
+        **kwargs: anything ``generate`` takes.
+    Returns:
+        what ``generate`` returns: [B, L + T] ids, or a ``GenerateOutput`` when asked.
+    """
+    if attention_mask is not None and bool((attention_mask.sum(dim=1) == 0).any()):
         rows = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
         raise ValueError(f"attention_mask rows {rows} are all padding; every row needs at least one real token")
-    elif bool((attention_mask[:, -1] == 0).any()):
+    if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generate() needs left padding: some rows have a 0 in the last mask column")
-    eos = _as_list(eos_token_id)
-    eos_t = torch.tensor(eos, device=device, dtype=torch.long) if eos else None
-    if eos and pad_token_id is None:
-        pad_token_id = eos[0]
-    params = set(inspect.signature(backbone.forward).parameters)
-    cache_name = "cache" if "cache" in params else "past_key_values"
-    use_positions = "position_ids" in params
-
-    embed = backbone.get_input_embeddings()
-    inputs_embeds = embed(input_ids)  # (B, L, d)
-    inputs_embeds = torch.cat([prompt.to(inputs_embeds.dtype).expand(b, n, -1), inputs_embeds], dim=1)
-    mask = torch.cat([attention_mask.new_ones(b, n), attention_mask], dim=1)  # (B, n+L)
-    step_inputs = {"inputs_embeds": inputs_embeds}
-    positions = torch.arange(n + length, device=device).expand(b, -1)  # plain arange, as peft
-    cache = None
-    ids = input_ids
-    unfinished = torch.ones(b, dtype=torch.long, device=device)
-    for _ in range(max_new_tokens):
-        kwargs = dict(step_inputs, attention_mask=mask, use_cache=True)
-        if use_positions:
-            kwargs["position_ids"] = positions
-        if cache is not None:
-            kwargs[cache_name] = cache
-        out = backbone(**kwargs)
-        cache = out[cache_name]
-        logits = out.logits[:, -1].to(dtype=torch.float32)  # (B, V)
-        if do_sample:
-            probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
-            next_ids = torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
-        else:
-            next_ids = logits.argmax(dim=-1)
-        if eos_t is not None:
-            next_ids = next_ids * unfinished + pad_token_id * (1 - unfinished)
-            unfinished = unfinished & ~torch.isin(next_ids, eos_t)
-        ids = torch.cat([ids, next_ids[:, None]], dim=1)
-        if eos_t is not None and int(unfinished.max()) == 0:
-            break
-        step_inputs = {"input_ids": next_ids[:, None]}  # (B, 1)
-        mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-        positions = positions[:, -1:] + 1
-    return ids
+    handle = backbone.register_forward_pre_hook(injection, with_kwargs=True)
+    try:
+        return backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    finally:
+        handle.remove()
 
 
-def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                  top_p: Optional[float] = None) -> torch.Tensor:
-    """Scale by 1/temperature, keep the top_k largest, then the smallest set with mass >= top_p.
-
-    Args:
-        logits: [B, V] fp32.
-    Returns:
-        [B, V] with removed entries at -inf (at least one entry kept per row).
-    """
-    if temperature != 1.0:
-        logits = logits / temperature
-    if top_k is not None and top_k > 0:
-        k = min(top_k, logits.shape[-1])
-        kth = torch.topk(logits, k)[0][..., -1, None]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cum <= (1 - top_p)
-        drop_sorted[..., -1:] = False  # the most likely token always stays
-        drop = drop_sorted.scatter(1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def _as_list(value: Union[int, list[int], torch.Tensor, None]) -> list[int]:
-    if value is None:
-        return []
-    if isinstance(value, torch.Tensor):
-        return [int(v) for v in value.flatten().tolist()]
-    if isinstance(value, int):
-        return [value]
-    return [int(v) for v in value]
+def planned_length(backbone: nn.Module, n_virtual: int, input_len: int, kwargs: dict) -> int:
+    """The most positions the backbone will see: n_virtual + input + new tokens."""
+    cfg = kwargs.get("generation_config") or getattr(backbone, "generation_config", None)
+    new = kwargs.get("max_new_tokens", getattr(cfg, "max_new_tokens", None))
+    if new is not None:
+        return n_virtual + input_len + int(new)
+    length = kwargs.get("max_length", getattr(cfg, "max_length", None))
+    return n_virtual + max(input_len, int(length or input_len))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -12,7 +12,7 @@ from torch.func import functional_call
 
 from softprompt.config import PromptConfig
 from softprompt.encoder import PromptEncoder
-from softprompt.generate import decode
+from softprompt.generate import PromptInjection, generate_with_prompt, planned_length
 from softprompt.inject import prepend_prompt
 from softprompt.prompt import SoftPrompt, fit_ids
 
@@ -142,35 +142,26 @@ class PromptModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None,
-                 eos_token_id: Union[int, list[int], None] = None, pad_token_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Decode with the prompt entering once at prefill; the KV cache carries it after that.
+                 **kwargs: Any) -> Any:
+        """Hugging Face ``generate`` on the backbone, the prompt entering once at prefill.
 
         Args:
             input_ids: [B, L]; pad a batch on the LEFT and give ``attention_mask``.
-            attention_mask: [B, L] (default all ones).
-            max_new_tokens: tokens to add at most.
-            do_sample: False = greedy; True samples from softmax(logits / temperature) after the
-                optional top_k / top_p filters.
-            temperature, top_k, top_p: sampling controls (ignored when greedy).
-            eos_token_id, pad_token_id: default from the backbone's generation_config; a row that
-                emitted EOS is filled with pad, and decoding stops when every row has.
-            generator: optional RNG for sampling (default: the global one, as HF uses).
+            attention_mask: [B, L] (default: generate's own).
+            **kwargs: anything the backbone's ``generate`` takes (``max_new_tokens``,
+                ``do_sample``, ``num_beams``, ``repetition_penalty``, ``stopping_criteria``,
+                ``streamer``, ``generation_config``, ``eos_token_id``, ``output_scores``...),
+                with Hugging Face's meaning and defaults.
         Returns:
-            [B, L + T] ids: the input ids then the new ids; no virtual tokens.
+            what ``generate`` returns: [B, L + T] ids (the input ids, then the new ones; no
+            virtual tokens), or a ``GenerateOutput`` with ``return_dict_in_generate=True``.
         """
         if self.task != "causal_lm":
             raise ValueError(f"generate() needs task='causal_lm', this model has task={self.task!r}")
-        check_length(self.backbone, self.config.n_virtual + input_ids.shape[1] + max_new_tokens)
-        gen_cfg = getattr(self.backbone, "generation_config", None)
-        if eos_token_id is None and gen_cfg is not None:
-            eos_token_id = gen_cfg.eos_token_id
-        if pad_token_id is None and gen_cfg is not None:
-            pad_token_id = gen_cfg.pad_token_id
-        return decode(self.backbone, self.prompt(), input_ids, attention_mask, max_new_tokens, do_sample,
-                      temperature, top_k, top_p, eos_token_id, pad_token_id, generator)
+        check_length(self.backbone, planned_length(self.backbone, self.config.n_virtual, input_ids.shape[1],
+                                                   kwargs))
+        injection = PromptInjection(self.prompt(), self.backbone.get_input_embeddings())
+        return generate_with_prompt(self.backbone, injection, input_ids, attention_mask, **kwargs)
 
 
 def max_positions(backbone: nn.Module) -> Optional[int]:

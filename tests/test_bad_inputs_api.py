@@ -17,7 +17,6 @@ from safetensors.torch import load_file, save_file
 
 from lora import LoRAConfig, add_lora, load_lora, merge_lora, save_lora
 from softprompt import PromptConfig, PromptModel, load_prompt, save_prompt
-from softprompt.generate import decode
 from tests.cli_folders import snapshot
 from tests.models import tiny_bert_classifier, tiny_causal_lm, tiny_classifier
 from train import adapters
@@ -113,10 +112,10 @@ def _peft_only(folder):
 
 
 def _all_padding(t):
-    backbone = tiny_causal_lm("llama")
+    pm = PromptModel(tiny_causal_lm("llama"), PromptConfig(n_virtual=4))
     ids = torch.tensor([[5, 6, 7], [0, 0, 0]])
     mask = torch.tensor([[1, 1, 1], [0, 0, 0]])
-    return (lambda: decode(backbone, torch.zeros(2, 16), ids, mask, 2)), backbone
+    return (lambda: pm.generate(ids, attention_mask=mask, max_new_tokens=2)), pm
 
 
 def _right_padded_decoder_classifier(t):

@@ -238,6 +238,8 @@ class LoopConfig:
     device: str = "auto"            # auto (cuda if available) | cpu | cuda | cuda:N
     progress: bool = True           # show a tqdm progress bar on rank 0
     distributed: str = "ddp"        # under torchrun: ddp (whole model per process) | fsdp2 (frozen base sharded)
+    loss: str = "labelled"          # causal LM: labelled (output head only where labels are) | full (HF's logits)
+    loss_chunk: int = 1024          # labelled loss: positions per head + cross-entropy chunk (bounds its memory)
     compile: bool = False           # run the model's forward through torch.compile (same numbers, to fp32 rounding)
     log: str = "jsonl"              # jsonl (metrics.jsonl) | tensorboard (also TensorBoard events in tensorboard/)
 
@@ -256,6 +258,9 @@ class LoopConfig:
         _check(self.max_grad_norm >= 0, f"max_grad_norm={self.max_grad_norm}; expected >= 0")
         _check(self.eval_every >= 0, f"eval_every={self.eval_every}; expected >= 0")
         _check(self.save_every >= 0, f"save_every={self.save_every}; expected >= 0")
+        _check(self.loss in ("labelled", "full"), f"loss={self.loss!r}; expected labelled or full")
+        _check(isinstance(self.loss_chunk, int) and self.loss_chunk > 0,
+               f"loss_chunk={self.loss_chunk!r}; expected an integer > 0")
         _check(self.log in LOGS, f"log={self.log!r}; expected one of {LOGS}")
         _check(self.log != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
                "log='tensorboard' needs the tensorboard package: pip install tensorboard (or purepeft[log])")

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from .data import PadCollator
+from .loss import batch_loss
 
 __all__ = ["classify_accuracy", "answer_accuracy", "eval_loss", "answer_token_ids"]
 
@@ -110,7 +111,7 @@ def eval_loss(model: torch.nn.Module, examples: list[dict], pad_id: int, device:
         batch = {k: v.to(device) for k, v in collate(chunk).items()}
         n = int((batch["labels"][:, 1:] != -100).sum())
         if n:
-            total += float(model(**batch).loss) * n
+            total += float(batch_loss(model, batch)) * n  # the head runs on labelled positions only
             count += n
     model.train(was_training)
     return {"eval_loss": total / count if count else math.nan}

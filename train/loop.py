@@ -29,6 +29,7 @@ from . import distributed
 from .atomic import atomic_write_text
 from .checkpoint import latest_checkpoint, load_checkpoint, named_trainable, remove_orphans, save_checkpoint
 from .config import LoopConfig
+from .loss import batch_loss
 from .metrics import open_board
 from .plot import plot_loss, read_metrics
 from .schedule import lr_factor
@@ -251,13 +252,9 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
             batch = {k: v.to(device) for k, v in batch.items()}
             with distributed.accumulate(net, last=a == cfg.grad_accum - 1):
                 with autocast():
-                    out = net(**batch)
-                if counts[a] == 0:
-                    # every answer was truncated away: the model's mean is 0/0. Back-propagate
-                    # zeros instead, so DDP ranks still run the same collective calls.
-                    loss = out.logits.float().sum() * 0.0
-                else:
-                    loss = out.loss.float()
+                    # labelled positions only for causal LMs (train/loss.py); 0 when a batch has
+                    # no target left, so DDP ranks still run the same collective calls
+                    loss = batch_loss(net, batch, cfg.loss, cfg.loss_chunk).float()
                 bad = torch.tensor(0.0 if torch.isfinite(loss) else 1.0)
                 if world > 1:  # every rank must stop together, before any backward all-reduce
                     dist.all_reduce(bad)

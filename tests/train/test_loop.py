@@ -90,7 +90,8 @@ class _NanAfter(torch.nn.Module):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     model = _NanAfter(toy_causal(), after=2)
-    cfg = LoopConfig(steps=5, batch_size=4, save_every=1, progress=False)
+    # loss="full": the wrapper poisons the model's own .loss (the labelled loss never reads it)
+    cfg = LoopConfig(steps=5, batch_size=4, save_every=1, progress=False, loss="full")
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 3 .*step-00000002"):
         train(model, instruct_examples(16), collator(), cfg, tmp_path, lr=1e-2)
     last = latest_checkpoint(tmp_path)
