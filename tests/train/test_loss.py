@@ -12,14 +12,14 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from lora import LoRAConfig, add_lora, quantize_model
-from softprompt import PromptConfig, PromptModel
+from lora import IA3Config, LoRAConfig, add_ia3, add_lora, quantize_model
+from softprompt import PrefixConfig, PrefixModel, PromptConfig, PromptModel
 from tests.models import VOCAB, tiny_causal_lm
 from train import LoopConfig
 from train.loss import batch_loss, labelled_loss
 from train.loop import train
 
-METHODS = ("lora", "qlora", "prompt", "ptuning-mlp", "ptuning-lstm")
+METHODS = ("lora", "qlora", "ia3", "prompt", "ptuning-mlp", "ptuning-lstm", "prefix", "prefix-projection")
 
 
 def adapted(method: str, family: str = "llama") -> torch.nn.Module:
@@ -34,6 +34,15 @@ def adapted(method: str, family: str = "llama") -> torch.nn.Module:
             if hasattr(m, "lora_B"):
                 torch.nn.init.normal_(m.lora_B.weight, std=0.1)
         return model
+    if method == "ia3":
+        model = add_ia3(backbone, IA3Config())
+        with torch.no_grad():  # ones at init: move them so every vector's gradient differs
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.1)
+        return model
+    if method.startswith("prefix"):
+        return PrefixModel(backbone, PrefixConfig(n_virtual=3, projection=method.endswith("projection")))
     kind, _, enc = method.partition("-")
     cfg = PromptConfig(method="prompt", n_virtual=3) if kind == "prompt" else \
         PromptConfig(method="ptuning", n_virtual=3, encoder=enc)
