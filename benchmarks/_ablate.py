@@ -56,11 +56,12 @@ _DATA_CACHE: dict = {}
 
 def _data(tokenizer, budget: Budget):
     """Encoded (train, held-out) examples of the bundled data, cached per budget."""
-    from train.data import encode_text, read_records, resolve_data, split_records
+    from train.data import encode_labels, encode_text, label_set, read_records, resolve_data, split_records
 
     key = (id(tokenizer), budget.max_length, budget.seed)
     if key not in _DATA_CACHE:
-        records = read_records(resolve_data("rotten_tomatoes"), num_labels=2)
+        records = read_records(resolve_data("rotten_tomatoes"))
+        records = encode_labels(records, label_set(records, num_labels=2))
         train, held = split_records(records, eval_fraction=0.2, seed=budget.seed)
         enc = lambda rs: [encode_text(tokenizer, r, budget.max_length) for r in rs]  # noqa: E731
         _DATA_CACHE[key] = (enc(train), enc(held))
