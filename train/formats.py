@@ -98,13 +98,13 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict]]:
     return readers[path.suffix](path)
 
 
-def _string(where: str, row: dict, key: str, optional: bool = False) -> str:
+def _string(where: str, row: dict, key: str, optional: bool = False, prefix: str = "") -> str:
     value = row.get(key)
     if value is None and optional:
         return ""
     if not isinstance(value, str):
         got = "missing" if key not in row else f"a {type(value).__name__}"
-        raise DataError(f"{where}: field {key!r} is {got}; expected a string")
+        raise DataError(f"{where}: field {prefix + key!r} is {got}; expected a string")
     return value
 
 
@@ -119,8 +119,8 @@ def _turns(where: str, row: dict, key: str, role_key: str, text_key: str, roles:
             raise DataError(f"{where}: field {field} is a {type(turn).__name__}; expected an object")
         role = turn.get(role_key)
         if role not in roles:
-            raise DataError(f"{where}: field {field}.{role_key} is {role!r}; expected one of {sorted(roles)}")
-        messages.append({"role": roles[role], "content": _string(f"{where}: {field}", turn, text_key)})
+            raise DataError(f"{where}: field {f'{field}.{role_key}'!r} is {role!r}; expected one of {sorted(roles)}")
+        messages.append({"role": roles[role], "content": _string(where, turn, text_key, prefix=f"{field}.")})
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: field {key!r} has no assistant turn; nothing to learn")
     return messages

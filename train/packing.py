@@ -6,7 +6,9 @@ Packing (``pack_examples`` + ``PackCollator``): examples are placed into rows of
 the batch carries no ``attention_mask``: Hugging Face models then read the example boundaries
 from the restarting ``position_ids`` and keep attention inside each example (a block-diagonal
 causal mask for eager / sdpa, the variable-length kernels for flash attention).
-``check_packing`` verifies that a given model does so before training starts.
+Hugging Face reads the boundaries only when the forward builds no KV cache, so
+``disable_cache`` turns the cache off for training (generation passes its own ``use_cache``),
+and ``check_packing`` verifies that the model keeps examples apart before training starts.
 
 Grouping (``grouped_batches``): each epoch's shuffled order is cut into mega-batches of
 ``50 x batch`` examples, each sorted by length and cut into batches, and the batch order is
@@ -22,7 +24,7 @@ import torch
 
 from .templates import IGNORE_INDEX
 
-__all__ = ["pack_examples", "PackCollator", "check_packing", "grouped_batches"]
+__all__ = ["pack_examples", "PackCollator", "disable_cache", "check_packing", "grouped_batches"]
 
 
 def pack_examples(examples: Sequence[dict], max_length: int) -> list[dict]:
@@ -32,8 +34,8 @@ def pack_examples(examples: Sequence[dict], max_length: int) -> list[dict]:
         examples: encoded ``{"input_ids", "labels"}`` (token labels) examples.
         max_length: the row capacity; an example longer than this is cut to it.
     Returns:
-        ``[{"input_ids", "labels", "position_ids", "lengths"}, ...]``; ``lengths`` lists the
-        examples in the row. Deterministic: the same examples give the same rows.
+        ``[{"input_ids", "labels", "position_ids", "lengths", "members"}, ...]``: ``members``
+        are the indices of the row's examples, ``lengths`` their token counts. Deterministic: the same examples give the same rows.
     """
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i]["input_ids"]), i))
     rows: list[list[int]] = []   # example indices per row
@@ -58,7 +60,8 @@ def pack_examples(examples: Sequence[dict], max_length: int) -> list[dict]:
             labels += [IGNORE_INDEX] + list(e["labels"][1:n])  # the first token has no target in its example
             pos += range(n)
             lengths.append(n)
-        packed.append({"input_ids": ids, "labels": labels, "position_ids": list(pos), "lengths": lengths})
+        packed.append({"input_ids": ids, "labels": labels, "position_ids": list(pos), "lengths": lengths,
+                       "members": members})
     return packed
 
 
@@ -86,6 +89,21 @@ class PackCollator:
             for key in batch:
                 batch[key][b, :n] = torch.tensor(r[key], dtype=torch.long)
         return batch
+
+
+def disable_cache(model: torch.nn.Module) -> int:
+    """Set ``config.use_cache = False`` on every Hugging Face model inside; returns how many.
+
+    With a cache, transformers' mask builder does not look for packed sequences in
+    ``position_ids``; a training forward never needs the cache.
+    """
+    n = 0
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", None):
+            config.use_cache = False
+            n += 1
+    return n
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from .data import (BUNDLED_LABEL_WORDS, DataError, PadCollator, classification_t
 from .evaluate import answer_accuracy, answer_token_ids, classify_accuracy, eval_loss
 from .loop import resolve_device, train
 from .models import load_backbone, load_tokenizer, resolve_model
-from .packing import PackCollator, check_packing, grouped_batches, pack_examples
+from .packing import PackCollator, check_packing, disable_cache, grouped_batches, pack_examples
 from .templates import resolve_template
 
 __all__ = ["Prepared", "prepare", "build_model", "score", "run", "RUN_CONFIG", "LABELS_FILE"]
@@ -200,6 +200,7 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, prepared: Optional[
     device = resolve_device(cfg.loop.device)
     model = build_model(p, device)
     if cfg.data.packing:
+        disable_cache(model)
         check_packing(model, device, vocab=min(len(p.tokenizer), model.get_input_embeddings().num_embeddings))
     before = score(model, p, device) if not resume else {}
     if main:

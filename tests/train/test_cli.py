@@ -50,7 +50,7 @@ def test_lora_on_a_causal_folder_then_eval_and_generate(folders, tmp_path, capsy
     assert main(["eval", str(out)]) == 0
     assert "eval_loss" in json.loads(capsys.readouterr().out)
     assert main(["generate", str(out), "Say hello", "--max-new-tokens", "3"]) == 0
-    assert "Assistant: " in capsys.readouterr().out
+    assert "Human: Say hello\n\nAssistant:" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("method", ["head", "prompt", "ptuning", "lora"])
