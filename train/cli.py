@@ -2,7 +2,9 @@
 
 Sub-commands: ``train`` (one run), ``eval`` (score a run's adapter on its held-out split or
 another data file), ``predict`` (classify texts with a classifier run, or with a causal-LM run
-trained on labels), ``generate`` (write answers with a causal-LM run) and ``demo`` (every method on the bundled data, one table). Values come from, in rising priority:
+trained on labels), ``generate`` (write answers with a causal-LM run), ``sweep`` (a grid of runs
+over knobs and seeds, with confidence intervals) and ``demo`` (every method on the bundled data,
+one table). Values come from, in rising priority:
 the dataclass defaults, a JSON file given with ``--config`` (``{"model": {...}, "data": {...},
 "loop": {...}}``), then the flags.
 """
@@ -98,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path, help="a causal-LM run folder written by `train`")
     p.add_argument("texts", nargs="+", help="instructions (for a run trained on labels: texts to answer)")
     p.add_argument("--max-new-tokens", type=int, default=20)
+    p = sub.add_parser("sweep", help="a grid of runs (method x knobs x seeds) with mean, std and 95% CI")
+    p.add_argument("spec", type=Path, help="JSON spec: base, grid and/or cells, seeds, metric (docs/sweep.md)")
+    p.add_argument("--out", type=Path, required=True, help="sweep folder; rerunning into it continues a killed sweep")
+    p.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process (default 1)")
     p = sub.add_parser("demo", help="every method on the bundled data; prints one table")
     p.add_argument("--out", type=Path, default=None, help="demo folder (default runs/demo-<time>)")
     p.add_argument("--full", action="store_true", help="the longer anchor budget (400 / 300 steps)")
@@ -207,6 +213,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _predict(args)
         elif args.command == "generate":
             _generate(args)
+        elif args.command == "sweep":
+            from .sweep import format_summary, load_spec, run_sweep
+            spec = load_spec(args.spec)
+            summary = run_sweep(spec, args.out, workers=args.workers, progress=print)
+            print(format_summary(summary, spec.metric), end="")
+            print(f"sweep folder: {args.out}")
         elif args.command == "demo":
             from .demo import run_demo
             run_demo(out=args.out, full=args.full, only=args.only)
