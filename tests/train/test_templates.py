@@ -14,20 +14,24 @@ CHAT = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ '<|assistant
         "{{ m['content'] + '</s>' }}{% endgeneration %}{{ '\n' }}{% else %}"
         "{{ '<|' + m['role'] + '|>\n' + m['content'] + '</s>\n' }}{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+# SmolLM2-Instruct's shape: a default system turn when the conversation has none
+CHAT_DEFAULT_SYSTEM = ("{% for m in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                       "{{ '<|system|>\nbe nice</s>\n' }}{% endif %}" + CHAT[len("{% for m in messages %}"):])
 TALK = [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hello world"},
         {"role": "assistant", "content": "great movie"}, {"role": "user", "content": "and the acting?"},
         {"role": "assistant", "content": "wonderful , too long ."}]
 
 
-def chat_tokenizer():
+def chat_tokenizer(template: str = CHAT):
     tok = tiny_tokenizer()
-    tok.chat_template = CHAT
+    tok.chat_template = template
     return tok
 
 
-@pytest.mark.parametrize("turns", [3, 5])
-def test_chat_ids_and_labels_equal_the_tokenizers_own(turns):
-    tok, msgs = chat_tokenizer(), TALK[:turns]
+@pytest.mark.parametrize("template", [CHAT, CHAT_DEFAULT_SYSTEM])
+@pytest.mark.parametrize("turns", [(0, 3), (0, 5), (1, 5)])
+def test_chat_ids_and_labels_equal_the_tokenizers_own(turns, template):
+    tok, msgs = chat_tokenizer(template), TALK[slice(*turns)]
     ref = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     enc = encode_conversation(tok, msgs, "chat", max_length=1000)
     assert enc["input_ids"] == ref["input_ids"]
@@ -35,6 +39,13 @@ def test_chat_ids_and_labels_equal_the_tokenizers_own(turns):
     assert all(x in (IGNORE_INDEX, i) for x, i in zip(enc["labels"], enc["input_ids"]))
     assert sum(ref["assistant_masks"]) > 0
     assert enc["prompt_len"] == ref["assistant_masks"].index(1)
+
+
+def test_a_template_that_renders_prefixes_differently_is_refused():
+    tok = chat_tokenizer(CHAT.replace("'</s>\n' }}{% endif %}", "'</s>\n' }}{% endif %}{% if loop.last %}{{ 'END' }}{% endif %}"))
+    assert tok.apply_chat_template(TALK[1:3], tokenize=False).endswith("END")
+    with pytest.raises(TemplateError, match="renders the conversation up to turn 1 differently"):
+        encode_conversation(tok, TALK[1:3], "chat", max_length=100)
 
 
 def test_generation_prompt_equals_add_generation_prompt():
