@@ -98,8 +98,10 @@ def encode_labels(records: list[dict], names: Sequence[str]) -> list[dict]:
         if key not in index and _as_int(key) is not None:
             key = str(_as_int(key))
         if key not in index:
-            raise DataError(f"{r.get('where', 'record')}: label {r['label']!r} is not in the training "
-                            f"label set {list(names)}")
+            where = r.get("where", "record")
+            if _as_int(key) is not None and all(n.isdigit() for n in names):
+                raise DataError(f"{where}: label {_as_int(key)} is outside the label set 0..{len(names) - 1}")
+            raise DataError(f"{where}: label {r['label']!r} is not in the training label set {list(names)}")
         out.append(dict(r, label=index[key]))
     return out
 

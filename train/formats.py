@@ -33,11 +33,16 @@ class DataError(ValueError):
     """A data file that cannot be used as asked; the message names the file, line/row and field."""
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
+def _csv_rows(path: Path, expected: tuple[str, str]) -> Iterator[tuple[str, dict]]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        if not reader.fieldnames:
+        cols = reader.fieldnames or []
+        if not cols:
             return
+        known = {"messages", "conversations", "instruction"} & set(cols)
+        missing = [c for c in expected if c not in cols]
+        if missing and not known:  # a classification CSV: name its missing columns once
+            raise DataError(f"{path}: missing column(s) {missing}; found {cols}, expected {','.join(expected)}")
         for row in reader:
             yield f"{path}:{reader.line_num}", row
 
@@ -81,8 +86,10 @@ def _datasets_rows(path: Path) -> Iterator[tuple[str, dict]]:
             yield f"{path} [{split or 'dataset'}] row {i}", row
 
 
-def read_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    """``(where, row)`` pairs of a .csv / .json / .jsonl file or a ``datasets`` folder."""
+def read_rows(path: Path, columns: tuple[str, str] = ("text", "label")) -> Iterator[tuple[str, dict]]:
+    """``(where, row)`` pairs of a .csv / .json / .jsonl file or a ``datasets`` folder.
+
+    ``columns`` (text, label) are required of a CSV that holds no conversation columns."""
     path = Path(path)
     if path.is_dir():
         if not any((path / n).is_file() for n in ("dataset_info.json", "dataset_dict.json", "state.json")):
@@ -91,7 +98,9 @@ def read_rows(path: Path) -> Iterator[tuple[str, dict]]:
         return _datasets_rows(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    readers = {".csv": _csv_rows, ".jsonl": _jsonl_rows, ".json": _json_rows}
+    if path.suffix == ".csv":
+        return _csv_rows(path, columns)
+    readers = {".jsonl": _jsonl_rows, ".json": _json_rows}
     if path.suffix not in readers:
         raise DataError(f"{path}: unknown suffix {path.suffix!r}; expected .csv, .json, .jsonl "
                         f"or a folder saved by datasets")
@@ -168,15 +177,25 @@ def read_records(path: Path, text_column: str = "text", label_column: str = "lab
         or records of mixed kinds.
     """
     records, kind = [], None
-    for where, row in read_rows(path):
-        rec = parse_row(where, row, text_column, label_column)
-        rec_kind = "classification" if "text" in rec else "conversation"
-        if kind is None:
-            kind = rec_kind
-        elif rec_kind != kind:
-            raise DataError(f"{where}: a {rec_kind} record in a file of {kind} records")
-        rec["where"] = where
-        records.append(rec)
+    try:
+        for where, row in read_rows(path, (text_column, label_column)):
+            rec = parse_row(where, row, text_column, label_column)
+            rec_kind = "classification" if "text" in rec else "conversation"
+            if kind is None:
+                kind = rec_kind
+            elif rec_kind != kind:
+                raise DataError(f"{where}: a {rec_kind} record in a file of {kind} records")
+            rec["where"] = where
+            records.append(rec)
+    except UnicodeDecodeError:  # e.g. a Latin-1 file: say where, rather than guess an encoding
+        raw = Path(path).read_bytes()
+        try:
+            raw.decode("utf-8")
+            raise
+        except UnicodeDecodeError as e:  # offsets in the whole file, not in a decoder chunk
+            line = raw[:e.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: byte {raw[e.start:e.start + 1]!r} at offset {e.start} is not UTF-8; "
+                            f"expected a UTF-8 file (convert it, e.g. iconv -f latin1 -t utf-8)") from None
     if not records:
         raise DataError(f"{path}: the file holds no records")
     return records

@@ -1,7 +1,10 @@
 """One training run from a ``RunConfig``: prepare, score before, train, score after, summarize.
 
-Everything that can be wrong with the inputs (config values, data file, model folder) is
-checked in ``prepare`` before anything is written, so a bad run leaves no half-made folder.
+Everything that can be wrong with the inputs (config values, data file, model folder, device,
+sequence lengths, batch size) is checked in ``prepare`` before anything is written, so a bad run
+leaves no half-made folder. ``run`` holds an exclusive lock on the run folder for the whole run
+(``runlock``) and, on ``--resume``, refuses any change to what decides the numbers
+(``fingerprint``).
 """
 from __future__ import annotations
 
@@ -18,15 +21,18 @@ from typing import Optional
 import torch
 
 from . import adapters
-from .checkpoint import write_json_atomic
+from .atomic import write_json_atomic
+from .checkpoint import latest_checkpoint, read_state
 from .config import RunConfig
 from .data import (BUNDLED_LABEL_WORDS, DataError, PadCollator, classification_to_instruction, encode_instruction,
                    encode_labels, encode_text, label_set, read_records, resolve_data, split_records)
 from .evaluate import answer_accuracy, answer_token_ids, classify_accuracy, eval_loss
+from .fingerprint import resume_differences, run_fingerprint
 from .loop import resolve_device, train
 from .models import load_backbone, load_tokenizer, resolve_model
 from .packing import PackCollator, check_packing, disable_cache, grouped_batches, pack_examples
-from .templates import resolve_template
+from .runlock import hold_run_folder
+from .templates import render, resolve_template
 
 __all__ = ["Prepared", "prepare", "build_model", "score", "run", "RUN_CONFIG", "LABELS_FILE"]
 
@@ -54,9 +60,50 @@ class Prepared:
         return len(self.labels) if self.labels else 2
 
 
+def _model_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return cfg
+
+
+def _template_identity(p: Prepared) -> str:
+    """The resolved template rendered with placeholders (part of the resume fingerprint)."""
+    if p.template is None:
+        return ""
+    turns = [{"role": "user", "content": "{user}"}, {"role": "assistant", "content": "{answer}"}]
+    return f"{p.template}: {render(p.tokenizer, turns, p.template)[0]}"
+
+
 def _is_causal(folder: Path) -> bool:
-    cfg = json.loads((folder / "config.json").read_text())
-    return any(a.endswith("ForCausalLM") for a in cfg.get("architectures") or [])
+    return any(a.endswith("ForCausalLM") for a in _model_config(folder).get("architectures") or [])
+
+
+def _check_lengths(cfg: RunConfig, folder: Path, examples: list[dict]) -> None:
+    """Refuse examples (+ virtual tokens) longer than the model's position table, before training."""
+    hf = _model_config(folder)
+    limit = next((hf[k] for k in ("max_position_embeddings", "n_positions", "max_seq_len")
+                  if isinstance(hf.get(k), int) and hf[k] > 0), None)
+    virtual = cfg.model.n_virtual if cfg.model.method in ("prompt", "ptuning") else 0
+    longest = max(len(e["input_ids"]) for e in examples)
+    if limit is not None and longest + virtual > limit:
+        extra = f" + {virtual} virtual tokens" if virtual else ""
+        raise ValueError(f"max_length={cfg.data.max_length}: the longest example has {longest} tokens{extra}, "
+                         f"beyond the model's {limit} positions ({folder / 'config.json'}); use "
+                         f"--max-length {limit - virtual} or less")
+
+
+def _check_batch(cfg: RunConfig, n_train: int) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_process = -(-n_train // world)  # the sampler pads every rank to the same count
+    if cfg.loop.batch_size > per_process:
+        where = f" per process (WORLD_SIZE={world})" if world > 1 else ""
+        raise ValueError(f"batch_size={cfg.loop.batch_size} is larger than the {per_process} training "
+                         f"examples{where}; lower --batch-size or give more data")
 
 
 def _answer_words(cfg: RunConfig, labels: tuple) -> tuple:
@@ -77,6 +124,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     Raises:
         FileNotFoundError / DataError / ValueError naming the bad input.
     """
+    resolve_device(cfg.loop.device)  # a CUDA device on a machine without one fails here
     d = cfg.data
     data_path = resolve_data(d.data)
     folder = resolve_model(cfg.model.model)
@@ -100,14 +148,20 @@ def prepare(cfg: RunConfig) -> Prepared:
         raise ValueError(f"task=classify needs text,label records; {data_path} holds conversations")
     if cfg.model.method == "head" and task != "classify":
         raise ValueError("method 'head' trains a classification head; it needs task=classify and labelled data")
+    if task != "classify" and cfg.model.prompt_pool != "backbone":
+        raise ValueError(f"prompt_pool={cfg.model.prompt_pool!r} chooses a classifier's pooling; "
+                         f"task={task!r} has no classifier and would ignore it")
     if d.packing and (task != "instruct" or cfg.model.method not in ("lora", "qlora")):
         raise ValueError(f"--packing needs an instruct task with lora or qlora (method={cfg.model.method}, "
                          f"task={task}): soft prompts and classifiers take one example per row")
     labels = None
     if labelled:
         labels = label_set(train_recs, d.num_labels)
+        if d.label_words and len(d.label_words) != len(labels):
+            raise DataError(f"label_words={d.label_words}; expected {len(labels)} words, one per label {list(labels)}")
         train_recs, held_recs = encode_labels(train_recs, labels), encode_labels(held_recs, labels)
     tokenizer = load_tokenizer(folder)
+    tokenizer.name_or_path = cfg.model.model  # adapter configs name it as the user did, not the cache path
     if d.max_train:
         train_recs = train_recs[:d.max_train]
     if d.max_eval:
@@ -137,19 +191,21 @@ def prepare(cfg: RunConfig) -> Prepared:
         enc_train = kept
         if not enc_train:
             raise ValueError(f"no training example keeps an answer within max_length={n}")
+    _check_lengths(cfg, folder, enc_train + enc_held)
+    _check_batch(cfg, len(enc_train))
     return Prepared(cfg=cfg, folder=folder, tokenizer=tokenizer,
                     task="seq_cls" if task == "classify" else "causal_lm",
                     train=enc_train, held=enc_held, answer_ids=answer_ids, labels=labels,
                     template=template, data_files=tuple(files))
 
 
-def batching(p: Prepared) -> tuple[list[dict], object, object]:
+def batching(p: Prepared, side: str = "right") -> tuple[list[dict], object, object]:
     """``(examples, collate, batch_order)`` for the loop: packed rows, length groups or plain."""
     d, loop = p.cfg.data, p.cfg.loop
     pad = p.tokenizer.pad_token_id
     if d.packing:
         return pack_examples(p.train, d.max_length), PackCollator(pad), None
-    collate = PadCollator(pad, d.padding_side)
+    collate = PadCollator(pad, side)
     if d.group_by_length:
         lengths = [len(e["input_ids"]) for e in p.train]
         return p.train, collate, lambda epoch, rank, world: grouped_batches(
@@ -168,9 +224,28 @@ def build_model(p: Prepared, device: Optional[torch.device] = None) -> torch.nn.
     torch.manual_seed(p.cfg.loop.seed)
     backbone = load_backbone(p.folder, p.task, num_labels=p.num_labels,
                              dtype=BASE_DTYPES[p.cfg.model.base_dtype])
+    name_model(backbone, p.cfg.model.model)
     if device is not None:
         backbone.to(device)
     return adapters.build_adapted(backbone, p.cfg.model, p.task, p.tokenizer)
+
+
+def name_model(backbone: torch.nn.Module, name: str) -> None:
+    """Record the model as the user named it (bundled name, hub id or the path given), not the
+    folder it resolved to, so adapter configs carry no machine-local cache path."""
+    backbone.name_or_path = name
+    if getattr(backbone, "config", None) is not None:
+        backbone.config._name_or_path = name
+
+
+def padding_side(model: torch.nn.Module, p: Prepared) -> str:
+    """The collator's side: left for soft-prompt classifiers on decoders (their head reads the
+    last position, and with a prompt in inputs_embeds it cannot look for pad ids), else the config's."""
+    backbone = getattr(model, "backbone", None)
+    if p.task == "seq_cls" and hasattr(model, "prompt_encoder") and backbone is not None \
+            and not hasattr(getattr(backbone, "base_model", None), "pooler"):
+        return "left"
+    return p.cfg.data.padding_side
 
 
 def score(model: torch.nn.Module, p: Prepared, device: torch.device) -> dict:
@@ -180,53 +255,76 @@ def score(model: torch.nn.Module, p: Prepared, device: torch.device) -> dict:
     # score under the training precision: what was trained is what is measured
     with torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext():
         if p.task == "seq_cls":
-            return classify_accuracy(model, p.held, pad, device)
+            return classify_accuracy(model, p.held, pad, device, padding_side=padding_side(model, p))
         if p.answer_ids is not None:  # labelled: accuracy of the answer word (one position per prompt)
             return answer_accuracy(model, p.held, p.answer_ids, pad, device)
         return eval_loss(model, p.held, pad, device)
+
+
+def _resume_state(run_dir: Path, cfg: RunConfig, fingerprint: dict) -> dict:
+    """The latest checkpoint's state; refuses a resume whose inputs would change the numbers."""
+    folder = latest_checkpoint(run_dir)
+    if folder is None:
+        raise FileNotFoundError(f"--resume: no complete checkpoint under {run_dir / 'checkpoints'}")
+    state = read_state(folder)
+    diff = resume_differences(state.get("run", {}), state.get("fingerprint", {}), cfg.to_dict(), fingerprint)
+    if diff:
+        raise ValueError(f"--resume: {folder} was trained with other inputs; refusing to continue with "
+                         f"{'; '.join(diff)}. Resume with the original values or start a new --out")
+    return state
 
 
 def run(cfg: RunConfig, run_dir: Path, resume: bool = False, prepared: Optional[Prepared] = None) -> dict:
     """Train one adapter and write the run folder; returns the summary.
 
     The folder gets ``config.json``, ``metrics.jsonl``, ``loss.png``, ``checkpoints/``,
-    ``adapter/`` (the method's adapter) and ``summary.json``.
+    ``adapter/`` (the method's adapter) and ``summary.json``. The folder is locked for the whole
+    run; it must be empty (or absent) unless ``resume``.
+
+    Raises:
+        RunFolderBusy: another run holds the folder. FileExistsError: a non-empty folder without
+        ``resume``. ValueError: a bad ``run_dir``, or a resume whose inputs changed (all named).
     """
     p = prepared or prepare(cfg)
     run_dir = Path(run_dir)
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
-    if main and run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        raise FileExistsError(f"run folder {run_dir} is not empty; pick another --out or pass --resume")
     device = resolve_device(cfg.loop.device)
-    model = build_model(p, device)
-    if cfg.data.packing:
-        disable_cache(model)
-        check_packing(model, device, vocab=min(len(p.tokenizer), model.get_input_embeddings().num_embeddings))
-    before = score(model, p, device) if not resume else {}
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / RUN_CONFIG, {**cfg.to_dict(), "effective_lr": cfg.lr})
-    method = cfg.model.method
-    t0 = time.perf_counter()
-    examples, collate, order = batching(p)
-    result = train(model, examples, collate, cfg.loop,
-                   run_dir, cfg.lr, evaluate=lambda m: score(m, p, device),
-                   write_adapter=lambda m, f: adapters.save_adapted(m, method, f),
-                   resume=resume, extra_state={"run": cfg.to_dict()}, batch_order=order)
-    seconds = time.perf_counter() - t0
-    after = score(model, p, device)
-    adapter_dir = adapters.save_adapted(model, method, run_dir / "adapter") if main else None
-    if main and p.labels:  # the label names travel with the adapter (predict prints them)
-        write_json_atomic(Path(adapter_dir) / LABELS_FILE, {"labels": list(p.labels)})
-    summary = {"method": method, "model": cfg.model.model, "data": cfg.data.data, "task": p.task,
-               "trainable_params": adapters.count_trainable(model),
-               "adapter_bytes": adapters.adapter_bytes(adapter_dir), "steps": result.steps,
-               "s_per_step": result.seconds_per_step, "train_seconds": seconds,
-               "final_loss": result.final_loss, "before": before, "after": after,
-               "n_train": len(p.train), "n_eval": len(p.held), "template": p.template,
-               "labels": list(p.labels) if p.labels else None, "packed_rows": len(examples) if cfg.data.packing else None}
-    if main:
-        write_json_atomic(run_dir / "summary.json", summary)
+    fingerprint = run_fingerprint(cfg, p.folder, p.tokenizer, _template_identity(p))
+    with hold_run_folder(run_dir) if main else contextlib.nullcontext(False):
+        if main and not resume and any(run_dir.iterdir()):
+            raise FileExistsError(f"run folder {run_dir} is not empty; pick another --out or pass --resume")
+        state = _resume_state(run_dir, cfg, fingerprint) if resume else {}
+        model = build_model(p, device)
+        if cfg.data.packing:
+            disable_cache(model)
+            check_packing(model, device, vocab=min(len(p.tokenizer), model.get_input_embeddings().num_embeddings))
+        before = state.get("before", {}) if resume else score(model, p, device)
+        if main:
+            write_json_atomic(run_dir / RUN_CONFIG, {**cfg.to_dict(), "effective_lr": cfg.lr,
+                                                     "fingerprint": fingerprint})
+        method = cfg.model.method
+        t0 = time.perf_counter()
+        examples, collate, order = batching(p, padding_side(model, p))
+        result = train(model, examples, collate, cfg.loop,
+                       run_dir, cfg.lr, evaluate=lambda m: score(m, p, device),
+                       write_adapter=lambda m, f: adapters.save_adapted(m, method, f), resume=resume,
+                       extra_state={"run": cfg.to_dict(), "fingerprint": fingerprint, "before": before},
+                       batch_order=order)
+        seconds = time.perf_counter() - t0
+        after = score(model, p, device)
+        adapter_dir = adapters.save_adapted(model, method, run_dir / "adapter") if main else None
+        if main and p.labels:  # the label names travel with the adapter (predict prints them)
+            write_json_atomic(Path(adapter_dir) / LABELS_FILE, {"labels": list(p.labels)})
+        summary = {"method": method, "model": cfg.model.model, "data": cfg.data.data, "task": p.task,
+                   "trainable_params": adapters.count_trainable(model),
+                   "adapter_bytes": adapters.adapter_bytes(adapter_dir), "steps": result.steps,
+                   "s_per_step": result.seconds_per_step, "train_seconds": seconds,
+                   "final_loss": result.final_loss, "before": before, "after": after,
+                   "n_train": len(p.train), "n_eval": len(p.held), "template": p.template,
+                   "labels": list(p.labels) if p.labels else None,
+                   "packed_rows": len(examples) if cfg.data.packing else None}
+        if main:
+            write_json_atomic(run_dir / "summary.json", summary)
     return summary
 
 

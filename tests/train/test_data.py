@@ -113,7 +113,7 @@ def test_label_sets():
 
 @pytest.mark.parametrize("name,content,match", [
     ("empty.csv", "text,label\n", "no records"),
-    ("cols.csv", "sentence,label\nhi,1\n", r"cols.csv:2: field 'text' is missing"),
+    ("cols.csv", "sentence,label\nhi,1\n", r"cols.csv: missing column\(s\) \['text'\]; found \['sentence', 'label'\]"),
     ("nolab.csv", "text,label\nhi,1\nho,\n", r"nolab.csv:3: field 'label' is ''"),
     ("empty.json", "", "no records"),
     ("field.jsonl", '{"instruction": "a"}\n', r"field.jsonl:1: field 'output' is missing"),
