@@ -21,7 +21,7 @@ from .templates import IGNORE_INDEX, encode_conversation, format_prompt
 
 __all__ = ["BUNDLED_DATA", "BUNDLED_LABEL_WORDS", "IGNORE_INDEX", "DataError", "resolve_data", "read_records",
            "split_records", "label_set", "encode_labels", "to_messages", "format_prompt", "encode_instruction",
-           "encode_text", "classification_to_instruction", "PadCollator"]
+           "encode_text", "classification_to_instruction", "answer_words", "PadCollator"]
 
 BUNDLED_DATA = {"rotten_tomatoes": Path(__file__).parent / "data" / "rotten_tomatoes.csv"}
 BUNDLED_LABEL_WORDS = {"rotten_tomatoes": ("negative", "positive")}  # answer words of labels 0, 1
@@ -121,6 +121,23 @@ def classification_to_instruction(records: list[dict], instruction: str,
     return [{"messages": [{"role": "user", "content": f"{instruction}\n{r['text']}" if r["text"] else instruction},
                           {"role": "assistant", "content": label_words[r["label"]]}],
              "label": r["label"]} for r in records]
+
+
+def answer_words(data_cfg, labels: Sequence[str]) -> tuple:
+    """The answer word of each label when labelled data trains a causal LM.
+
+    ``data_cfg.label_words`` when given; else the bundled data's words, or the label names
+    themselves (integer labels need explicit words).
+    """
+    words = data_cfg.label_words
+    if not words:
+        words = BUNDLED_LABEL_WORDS.get(data_cfg.data) or tuple(labels)
+        if all(n.isdigit() for n in labels) and data_cfg.data not in BUNDLED_LABEL_WORDS:
+            raise DataError(f"integer labels {list(labels)} need --label-words (one answer word per label) "
+                            f"for an instruct task")
+    if len(words) != len(labels):
+        raise DataError(f"label_words={list(words)}: expected {len(labels)} words, one per label {list(labels)}")
+    return tuple(words)
 
 
 def encode_instruction(tokenizer, record: dict, max_length: int, template: str = "seed") -> dict:

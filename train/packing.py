@@ -24,7 +24,7 @@ import torch
 
 from .templates import IGNORE_INDEX
 
-__all__ = ["pack_examples", "PackCollator", "disable_cache", "check_packing", "grouped_batches"]
+__all__ = ["pack_examples", "PackCollator", "disable_cache", "check_packing", "grouped_batches", "loop_batches"]
 
 
 def pack_examples(examples: Sequence[dict], max_length: int) -> list[dict]:
@@ -162,3 +162,20 @@ def grouped_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: i
         batches += [chunk[i:i + glob] for i in range(0, len(chunk) - glob + 1, glob)]
     rng.shuffle(batches)
     return [g[rank::world] for g in batches]
+
+
+def loop_batches(examples: list[dict], data_cfg, loop_cfg, pad_id: int, side: str = "right") -> tuple:
+    """``(examples, collate, batch_order)`` for ``train.loop.train``, as ``data_cfg`` asks.
+
+    Packing: the packed rows and a ``PackCollator``; grouping: the examples, a ``PadCollator``
+    and ``grouped_batches`` as the loop's batch order; else the examples and a ``PadCollator``.
+    """
+    from .data import PadCollator  # data imports templates only; no cycle through here
+    if data_cfg.packing:
+        return pack_examples(examples, data_cfg.max_length), PackCollator(pad_id), None
+    collate = PadCollator(pad_id, side)
+    if data_cfg.group_by_length:
+        lengths = [len(e["input_ids"]) for e in examples]
+        return examples, collate, lambda epoch, rank, world: grouped_batches(
+            lengths, loop_cfg.batch_size, loop_cfg.seed, epoch, rank, world)
+    return examples, collate, None

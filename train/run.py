@@ -24,13 +24,13 @@ from . import adapters
 from .atomic import write_json_atomic
 from .checkpoint import latest_checkpoint, read_state
 from .config import RunConfig
-from .data import (BUNDLED_LABEL_WORDS, DataError, PadCollator, classification_to_instruction, encode_instruction,
+from .data import (DataError, answer_words, classification_to_instruction, encode_instruction,
                    encode_labels, encode_text, label_set, read_records, resolve_data, split_records)
 from .evaluate import answer_accuracy, answer_token_ids, classify_accuracy, eval_loss
 from .fingerprint import resume_differences, run_fingerprint
 from .loop import resolve_device, train
 from .models import load_backbone, load_tokenizer, resolve_model
-from .packing import PackCollator, check_packing, disable_cache, grouped_batches, pack_examples
+from .packing import check_packing, disable_cache, loop_batches
 from .runlock import hold_run_folder
 from .templates import render, resolve_template
 
@@ -106,18 +106,6 @@ def _check_batch(cfg: RunConfig, n_train: int) -> None:
                          f"examples{where}; lower --batch-size or give more data")
 
 
-def _answer_words(cfg: RunConfig, labels: tuple) -> tuple:
-    words = cfg.data.label_words
-    if not words:
-        words = BUNDLED_LABEL_WORDS.get(cfg.data.data) or labels
-        if all(n.isdigit() for n in labels) and cfg.data.data not in BUNDLED_LABEL_WORDS:
-            raise DataError(f"integer labels {list(labels)} need --label-words (one answer word per label) "
-                            f"for an instruct task")
-    if len(words) != len(labels):
-        raise DataError(f"label_words={list(words)}: expected {len(labels)} words, one per label {list(labels)}")
-    return tuple(words)
-
-
 def prepare(cfg: RunConfig) -> Prepared:
     """Resolve the model and data, read, split and encode; writes nothing.
 
@@ -173,7 +161,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     else:
         template = resolve_template(d.template, tokenizer)
         if labelled:
-            words = _answer_words(cfg, labels)
+            words = answer_words(d, labels)
             answer_ids = answer_token_ids(tokenizer, words, template, d.instruction)
             if len(set(answer_ids)) != len(answer_ids):
                 raise DataError(f"answer words {list(words)} share a first token {answer_ids}; pick distinct words")
@@ -197,20 +185,6 @@ def prepare(cfg: RunConfig) -> Prepared:
                     task="seq_cls" if task == "classify" else "causal_lm",
                     train=enc_train, held=enc_held, answer_ids=answer_ids, labels=labels,
                     template=template, data_files=tuple(files))
-
-
-def batching(p: Prepared, side: str = "right") -> tuple[list[dict], object, object]:
-    """``(examples, collate, batch_order)`` for the loop: packed rows, length groups or plain."""
-    d, loop = p.cfg.data, p.cfg.loop
-    pad = p.tokenizer.pad_token_id
-    if d.packing:
-        return pack_examples(p.train, d.max_length), PackCollator(pad), None
-    collate = PadCollator(pad, side)
-    if d.group_by_length:
-        lengths = [len(e["input_ids"]) for e in p.train]
-        return p.train, collate, lambda epoch, rank, world: grouped_batches(
-            lengths, loop.batch_size, loop.seed, epoch, rank, world)
-    return p.train, collate, None
 
 
 BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -304,7 +278,8 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, prepared: Optional[
                                                      "fingerprint": fingerprint})
         method = cfg.model.method
         t0 = time.perf_counter()
-        examples, collate, order = batching(p, padding_side(model, p))
+        examples, collate, order = loop_batches(p.train, cfg.data, cfg.loop, p.tokenizer.pad_token_id,
+                                                padding_side(model, p))
         result = train(model, examples, collate, cfg.loop,
                        run_dir, cfg.lr, evaluate=lambda m: score(m, p, device),
                        write_adapter=lambda m, f: adapters.save_adapted(m, method, f), resume=resume,
