@@ -41,7 +41,7 @@ def peft_model(p, row: str):
     import peft
     m = p.cfg.model
     torch.manual_seed(p.cfg.loop.seed)
-    backbone = load_backbone(p.folder, p.task, num_labels=p.cfg.data.num_labels)
+    backbone = load_backbone(p.folder, p.task, num_labels=p.num_labels)
     task = peft.TaskType.SEQ_CLS if p.task == "seq_cls" else peft.TaskType.CAUSAL_LM
     if m.method == "prompt":
         cfg = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=m.n_virtual)

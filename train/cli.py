@@ -1,9 +1,10 @@
 """``python -m train``: argparse flags generated from the config dataclasses.
 
-Sub-commands: ``train`` (one run), ``eval`` (score a run's adapter on the held-out split),
-``predict`` (classify texts, or generate answers for instructions, with a run's adapter),
-``sweep`` (a grid of runs over knobs and seeds, with confidence intervals) and ``demo`` (every
-method on the bundled data, one table). Values come from, in rising priority:
+Sub-commands: ``train`` (one run), ``eval`` (score a run's adapter on its held-out split or
+another data file), ``predict`` (classify texts with a classifier run, or with a causal-LM run
+trained on labels), ``generate`` (write answers with a causal-LM run), ``sweep`` (a grid of runs
+over knobs and seeds, with confidence intervals) and ``demo`` (every method on the bundled data,
+one table). Values come from, in rising priority:
 the dataclass defaults, a JSON file given with ``--config`` (``{"model": {...}, "data": {...},
 "loop": {...}}``), then the flags.
 """
@@ -108,15 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(p)
     p.add_argument("--out", type=Path, help="run folder (default runs/<method>-<model>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p = sub.add_parser("eval", help="score a run's adapter on its held-out split")
+    p = sub.add_parser("eval", help="score a run's adapter on its held-out split or on --data")
     p.add_argument("run", type=Path, help="a run folder written by `train`")
-    p = sub.add_parser("predict", help="classify texts / answer instructions with a run's adapter")
-    p.add_argument("run", type=Path, help="a run folder written by `train`")
-    p.add_argument("texts", nargs="+", help="texts (classifier) or instructions (causal LM)")
-    p.add_argument("--max-new-tokens", type=int, default=20)
-    p = sub.add_parser("generate", help="alias of predict")
-    p.add_argument("run", type=Path)
-    p.add_argument("texts", nargs="+")
+    p.add_argument("--data", type=str, default=None,
+                   help="score on this file / datasets folder instead of the run's held-out split")
+    p = sub.add_parser("predict", help="classify texts with a run's adapter (prints label names)")
+    p.add_argument("run", type=Path, help="a run folder written by `train` (a classifier, or a causal LM "
+                                          "trained on labels)")
+    p.add_argument("texts", nargs="+", help="texts to classify")
+    p = sub.add_parser("generate", help="answer instructions with a causal-LM run's adapter")
+    p.add_argument("run", type=Path, help="a causal-LM run folder written by `train`")
+    p.add_argument("texts", nargs="+", help="instructions (for a run trained on labels: texts to answer)")
     p.add_argument("--max-new-tokens", type=int, default=20)
     p = sub.add_parser("sweep", help="a grid of runs (method x knobs x seeds) with mean, std and 95% CI")
     p.add_argument("spec", type=Path, help="JSON spec: base, grid and/or cells, seeds, metric (docs/sweep.md)")
@@ -129,9 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_run(run_dir: Path):
+def _load_run(run_dir: Path, eval_data: Optional[str] = None):
     from . import adapters
-    from .run import RUN_CONFIG, prepare
+    from .run import LABELS_FILE, RUN_CONFIG, dataclass_replace, prepare
     from .models import load_backbone
     cfg_path = run_dir / RUN_CONFIG
     if not cfg_path.is_file() or not (run_dir / "adapter").is_dir():
@@ -145,23 +148,58 @@ def _load_run(run_dir: Path):
         cfg = RunConfig.from_dict(raw)
     except (ValueError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"{cfg_path}: {e}") from None
+    if eval_data is not None:  # score another file: all of it, with the run's labels and template
+        cfg = dataclass_replace(cfg, data={"eval_data": eval_data, "max_eval": 0})
     p = prepare(cfg)
+    saved = run_dir / "adapter" / LABELS_FILE
+    if saved.is_file() and tuple(json.loads(saved.read_text())["labels"]) != p.labels:
+        raise ValueError(f"{saved} lists labels {json.loads(saved.read_text())['labels']} but the run's training "
+                         f"data now gives {list(p.labels or ())}; the data changed since training")
     from .loop import resolve_device
-    from .run import BASE_DTYPES
-    from .run import name_model
-    backbone = load_backbone(p.folder, p.task, num_labels=cfg.data.num_labels, dtype=BASE_DTYPES[cfg.model.base_dtype])
+    from .run import BASE_DTYPES, name_model
+    backbone = load_backbone(p.folder, p.task, num_labels=p.num_labels, dtype=BASE_DTYPES[cfg.model.base_dtype])
     name_model(backbone, cfg.model.model)
     backbone.to(resolve_device(cfg.loop.device))
     model = adapters.load_adapted(backbone, cfg.model.method, run_dir / "adapter", cfg=cfg.model)
     return cfg, p, model.eval()
 
 
+def _user_turn(cfg, p, text: str) -> list[dict]:
+    if p.answer_ids is not None:  # a run trained on labels: the text is the input to classify
+        return [{"role": "user", "content": f"{cfg.data.instruction}\n{text}"}]
+    return [{"role": "user", "content": text}]
+
+
 def _predict(args) -> None:
     import torch
-    from .data import encode_instruction, format_prompt
+    from .data import BUNDLED_LABEL_WORDS
+    from .templates import generation_prompt
+    cfg, p, model = _load_run(args.run)
+    if p.task == "causal_lm" and p.answer_ids is None:
+        raise ValueError(f"{args.run} is a generative run (a causal LM trained on free-form answers); "
+                         f"predict classifies: use `generate` to write answers")
+    names = cfg.data.label_words or BUNDLED_LABEL_WORDS.get(cfg.data.data) or p.labels
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for text in args.texts:
+            if p.task == "seq_cls":
+                enc = p.tokenizer(text, truncation=True, max_length=cfg.data.max_length, return_tensors="pt").to(device)
+                label = int(model(**enc).logits.argmax(-1))
+            else:  # the answer word whose first token scores highest after the prompt
+                ids = torch.tensor([generation_prompt(p.tokenizer, _user_turn(cfg, p, text), p.template)], device=device)
+                label = int(model(input_ids=ids).logits[0, -1, p.answer_ids].argmax())
+            print(f"{names[label] if label < len(names) else label}\t{text}")
+
+
+def _generate(args) -> None:
+    import torch
+    from .templates import generation_prompt
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}; expected >= 1")
     cfg, p, model = _load_run(args.run)
+    if p.task != "causal_lm":
+        raise ValueError(f"{args.run} is a classifier run ({cfg.model.method} on a sequence-classification "
+                         f"head); it cannot generate text: use `predict` to classify")
     device = next(model.parameters()).device
     hf = getattr(getattr(model, "backbone", model), "config", None)
     limit = next((v for v in (getattr(hf, k, None) for k in ("max_position_embeddings", "n_positions"))
@@ -169,17 +207,8 @@ def _predict(args) -> None:
     virtual = cfg.model.n_virtual if cfg.model.method in ("prompt", "ptuning") else 0
     with torch.no_grad():
         for text in args.texts:
-            if p.task == "seq_cls":
-                enc = p.tokenizer(text, truncation=True, max_length=cfg.data.max_length, return_tensors="pt").to(device)
-                label = int(model(**enc).logits.argmax(-1))
-                word = cfg.data.label_words[label] if label < len(cfg.data.label_words) else str(label)
-                print(f"{word}\t{text}")
-                continue
-            rec = {"instruction": text, "input": "", "output": ""}
-            if p.answer_ids is not None:  # a labelled task: the text is the input to classify
-                rec = {"instruction": cfg.data.instruction, "input": text, "output": ""}
-            ids = encode_instruction(p.tokenizer, rec, cfg.data.max_length)["input_ids"]
-            prompt = torch.tensor([ids[:-1]], device=device)  # drop the eos of the empty answer
+            ids = generation_prompt(p.tokenizer, _user_turn(cfg, p, text), p.template)
+            prompt = torch.tensor([ids], device=device)
             if limit is not None and virtual + prompt.shape[1] + args.max_new_tokens > limit:
                 raise ValueError(f"--max-new-tokens {args.max_new_tokens}: with the {prompt.shape[1]} prompt tokens"
                                  f"{f' and {virtual} virtual tokens' if virtual else ''} this exceeds the model's "
@@ -187,7 +216,7 @@ def _predict(args) -> None:
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.max_new_tokens,
                                  do_sample=False, pad_token_id=p.tokenizer.pad_token_id)
             answer = p.tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
-            print(f"{format_prompt(rec['instruction'], rec['input'])}{answer}")
+            print(f"{p.tokenizer.decode(ids, skip_special_tokens=True)}{answer}")
 
 
 def _quiet_transformers() -> None:
@@ -215,11 +244,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "eval":
             from .loop import resolve_device
             from .run import score
-            cfg, p, model = _load_run(args.run)
+            cfg, p, model = _load_run(args.run, eval_data=args.data)
             device = resolve_device(cfg.loop.device)
             print(json.dumps(score(model, p, device), indent=2))
-        elif args.command in ("predict", "generate"):
+        elif args.command == "predict":
             _predict(args)
+        elif args.command == "generate":
+            _generate(args)
         elif args.command == "sweep":
             from .sweep import format_summary, load_spec, run_sweep
             spec = load_spec(args.spec)

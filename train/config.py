@@ -22,6 +22,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 DISTRIBUTED = ("ddp", "fsdp2")  # multi-process strategies (train.distributed.STRATEGIES)
 LOGS = ("jsonl", "tensorboard")
 TASKS = ("auto", "classify", "instruct")
+TEMPLATES = ("auto", "chat", "seed", "none")  # train.templates.TEMPLATES
 
 # Learning rates that suit each method on the bundled data (prompts need a much larger step
 # than weights; these follow the usual published settings for each method).
@@ -192,13 +193,19 @@ def pattern_dict(cfg: ModelConfig, name: str) -> dict:
 
 @dataclass(frozen=True)
 class DataConfig:
-    data: str = "rotten_tomatoes"   # bundled name or a .csv (text,label) / .json / .jsonl (instruction,input,output) file
-    task: str = "auto"              # classify (head on text) | instruct (causal LM on the chat template) | auto
+    data: str = "rotten_tomatoes"   # bundled name, a .csv / .json / .jsonl file or a datasets folder (docs/training.md)
+    eval_data: str = ""             # a separate held-out file or folder ("" = split --data)
+    task: str = "auto"              # classify (head on text) | instruct (causal LM on a template) | auto
+    template: str = "auto"          # instruct: auto (chat if the tokenizer has one, else seed) | chat | seed | none
+    text_column: str = "text"       # classification data: the column / field holding the text
+    label_column: str = "label"     # classification data: the column / field holding the label (a name or an integer)
     max_length: int = 256           # tokens per example, prompt and answer together; longer ones are truncated
     padding_side: str = "right"     # right | left padding in the collator
-    instruction: str = "Is the sentiment of this review positive or negative?"  # CSV -> instruct records
-    label_words: tuple = ("negative", "positive")  # CSV -> instruct: answer word of label 0, 1, ...
-    num_labels: int = 2             # classify: labels must lie in [0, num_labels)
+    packing: bool = False           # instruct: fill rows of max_length with several examples (lora / qlora)
+    group_by_length: bool = False   # batch examples of similar length together (less padding)
+    instruction: str = "Is the sentiment of this review positive or negative?"  # classification -> instruct records
+    label_words: tuple = ()         # classification -> instruct: answer word per label id (default: the label names)
+    num_labels: int = 0             # classification: number of labels (0 = from the training data)
     eval_fraction: float = 0.2      # held-out share when the file has no ``split`` column
     max_train: int = 0              # use at most this many training examples (0 = all)
     max_eval: int = 0               # evaluate on at most this many held-out examples (0 = all)
@@ -207,12 +214,15 @@ class DataConfig:
         _check_types(self)
         _check(bool(self.data), "data is empty; expected a bundled name or a file path")
         _check(self.task in TASKS, f"task={self.task!r}; expected one of {TASKS}")
+        _check(self.template in TEMPLATES, f"template={self.template!r}; expected one of {TEMPLATES}")
+        _check(bool(self.text_column) and bool(self.label_column), "text_column / label_column must not be empty")
         _check(self.max_length > 1, f"max_length={self.max_length}; expected > 1")
         _check(self.padding_side in ("right", "left"),
                f"padding_side={self.padding_side!r}; expected right or left")
-        _check(self.num_labels >= 2, f"num_labels={self.num_labels}; expected >= 2")
+        _check(not (self.packing and self.group_by_length), "packing and group_by_length exclude each other; pick one")
+        _check(self.num_labels == 0 or self.num_labels >= 2, f"num_labels={self.num_labels}; expected >= 2 (or 0: from the training data)")
         object.__setattr__(self, "label_words", tuple(self.label_words))
-        _check(len(self.label_words) == self.num_labels,
+        _check(not self.label_words or self.num_labels in (0, len(self.label_words)),
                f"label_words={self.label_words}; expected {self.num_labels} words (num_labels)")
         _check(0.0 < self.eval_fraction < 1.0, f"eval_fraction={self.eval_fraction}; expected in (0, 1)")
         _check(self.max_train >= 0, f"max_train={self.max_train}; expected >= 0")

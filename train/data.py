@@ -1,19 +1,14 @@
-"""Data: reading records, the chat template, tokenization with -100 prompt labels, padding.
+"""Data: which file, train / held-out split, label sets, encoding, and the padding collator.
 
-Two record shapes:
-- classification: ``{"text": str, "label": int}`` from a CSV with columns ``text,label``
-  (optionally ``split`` = train | test);
-- instruction: ``{"instruction": str, "input": str, "output": str}`` from Alpaca-style JSON
-  (a list) or JSONL (one object a line).
+Reading files is ``train.formats``; rendering conversations is ``train.templates``; packing and
+length-grouped batches are ``train.packing``. Records are either
 
-Instruction examples use the chat template ``"Human: {instruction}\\n{input}".strip() +
-"\\n\\nAssistant: "`` followed by the output and the eos token; only the output and eos carry
-labels, every prompt position is -100.
+- classification ``{"text": str, "label": str}`` (the label becomes an id through
+  ``label_set`` / ``encode_labels``), or
+- conversations ``{"messages": [{"role", "content"}, ...]}`` (Alpaca, chat and ShareGPT rows).
 """
 from __future__ import annotations
 
-import csv
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,119 +16,26 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["BUNDLED_DATA", "IGNORE_INDEX", "DataError", "resolve_data", "read_records",
-           "split_records", "format_prompt", "encode_instruction", "encode_text",
-           "classification_to_instruction", "PadCollator"]
+from .formats import DataError, read_records
+from .templates import IGNORE_INDEX, encode_conversation, format_prompt
 
-IGNORE_INDEX = -100  # label value that cross-entropy skips
+__all__ = ["BUNDLED_DATA", "BUNDLED_LABEL_WORDS", "IGNORE_INDEX", "DataError", "resolve_data", "read_records",
+           "split_records", "label_set", "encode_labels", "to_messages", "format_prompt", "encode_instruction",
+           "encode_text", "classification_to_instruction", "answer_words", "PadCollator"]
+
 BUNDLED_DATA = {"rotten_tomatoes": Path(__file__).parent / "data" / "rotten_tomatoes.csv"}
-_INSTRUCT_FIELDS = ("instruction", "output")  # "input" is optional (empty when absent)
-
-
-class DataError(ValueError):
-    """A data file that cannot be used as asked; the message names the file and the problem."""
+BUNDLED_LABEL_WORDS = {"rotten_tomatoes": ("negative", "positive")}  # answer words of labels 0, 1
 
 
 def resolve_data(name_or_path: str) -> Path:
-    """A bundled data name (``rotten_tomatoes``) or a file path -> an existing file."""
+    """A bundled data name (``rotten_tomatoes``), a file or a ``datasets`` folder -> its path."""
     if name_or_path in BUNDLED_DATA:
         return BUNDLED_DATA[name_or_path]
     path = Path(name_or_path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"--data {name_or_path!r} is neither a bundled name {sorted(BUNDLED_DATA)} "
-                        f"nor an existing file")
+                        f"nor an existing file or folder")
     return path
-
-
-def _read_csv(path: Path, num_labels: int) -> list[dict]:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        missing = [c for c in ("text", "label") if c not in cols]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {missing}; found {cols}, expected text,label")
-        records = []
-        for line, row in enumerate(reader, start=2):
-            try:
-                label = int(row["label"])
-            except (TypeError, ValueError):
-                raise DataError(f"{path}:{line}: label {row['label']!r} is not an integer") from None
-            if not 0 <= label < num_labels:
-                raise DataError(f"{path}:{line}: label {label} is outside the label set "
-                                f"0..{num_labels - 1}")
-            rec = {"text": row["text"] or "", "label": label}
-            if row.get("split"):
-                rec["split"] = row["split"]
-            records.append(rec)
-    return records
-
-
-def _read_instructions(path: Path) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        items = []
-        for line, raw in enumerate(text.splitlines(), start=1):
-            if raw.strip():
-                try:
-                    items.append(json.loads(raw))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line}: not valid JSON ({e.msg})") from None
-    else:
-        try:
-            items = json.loads(text) if text.strip() else []
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(items, list):
-            raise DataError(f"{path}: expected a JSON list of records, got {type(items).__name__}")
-    records = []
-    for i, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise DataError(f"{path}: record {i} is a {type(item).__name__}, expected an object")
-        missing = [k for k in _INSTRUCT_FIELDS if not isinstance(item.get(k), str)]
-        if missing:
-            raise DataError(f"{path}: record {i} lacks string field(s) {missing}; "
-                            f"expected instruction, input (optional), output")
-        rec = {"instruction": item["instruction"], "input": item.get("input") or "",
-               "output": item["output"]}
-        if item.get("split"):
-            rec["split"] = item["split"]
-        records.append(rec)
-    return records
-
-
-def read_records(path: Path, num_labels: int = 2) -> list[dict]:
-    """Read a CSV (classification) or JSON/JSONL (instruction) file into a list of dicts.
-
-    Args:
-        path: the file; the suffix picks the reader (.csv, .json, .jsonl).
-        num_labels: classification labels must be integers in [0, num_labels).
-    Returns:
-        The records, in file order.
-    Raises:
-        DataError: unknown suffix, not UTF-8, empty file, missing fields, labels outside the label set.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        if path.suffix == ".csv":
-            records = _read_csv(path, num_labels)
-        elif path.suffix in (".json", ".jsonl"):
-            records = _read_instructions(path)
-        else:
-            raise DataError(f"{path}: unknown suffix {path.suffix!r}; expected .csv, .json or .jsonl")
-    except UnicodeDecodeError:  # e.g. a Latin-1 file: say where, rather than guess an encoding
-        raw = path.read_bytes()
-        try:
-            raw.decode("utf-8")
-            raise
-        except UnicodeDecodeError as e:  # offsets in the whole file, not in a decoder chunk
-            line = raw[:e.start].count(b"\n") + 1
-            raise DataError(f"{path}:{line}: byte {raw[e.start:e.start + 1]!r} at offset {e.start} is not UTF-8; "
-                            f"expected a UTF-8 file (convert it, e.g. iconv -f latin1 -t utf-8)") from None
-    if not records:
-        raise DataError(f"{path}: the file holds no records")
-    return records
 
 
 def split_records(records: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -152,36 +54,104 @@ def split_records(records: list[dict], eval_fraction: float, seed: int) -> tuple
     return train, held
 
 
-def format_prompt(instruction: str, input: str = "") -> str:
-    """The chat template's prompt: ``"Human: {instruction}\\n{input}".strip() + "\\n\\nAssistant: "``."""
-    return f"Human: {instruction}\n{input}".strip() + "\n\nAssistant: "
+def _as_int(label: str):
+    try:
+        return int(label)
+    except ValueError:
+        return None
+
+
+def label_set(records: list[dict], num_labels: int = 0) -> tuple[str, ...]:
+    """The label names of training records; a name's position is its class id.
+
+    Integer labels keep their value as the id (names ``"0" .. "K-1"``, K = ``num_labels`` or the
+    largest label + 1); any other labels are sorted, so the order does not depend on the file's
+    row order.
+
+    Raises:
+        DataError: an integer label outside ``0..num_labels-1``, or ``num_labels`` disagreeing
+        with the number of named labels.
+    """
+    raw = [str(r["label"]) for r in records]
+    ints = [_as_int(x) for x in raw]
+    if all(i is not None for i in ints):
+        k = num_labels or max(ints) + 1
+        for r, i in zip(records, ints):
+            if not 0 <= i < k:
+                raise DataError(f"{r.get('where', 'record')}: label {i} is outside the label set 0..{k - 1}")
+        names = tuple(str(i) for i in range(k))
+    else:
+        names = tuple(sorted(set(raw)))
+        if num_labels and num_labels != len(names):
+            raise DataError(f"num_labels={num_labels} but the training data has {len(names)} labels {list(names)}")
+    if len(names) < 2:
+        raise DataError(f"the training data has the single label {list(names)}; expected at least 2 labels")
+    return names
+
+
+def encode_labels(records: list[dict], names: Sequence[str]) -> list[dict]:
+    """Records with ``label`` replaced by its id in ``names``; an unknown label names its record."""
+    index = {n: i for i, n in enumerate(names)}
+    out = []
+    for r in records:
+        key = str(r["label"])
+        if key not in index and _as_int(key) is not None:
+            key = str(_as_int(key))
+        if key not in index:
+            where = r.get("where", "record")
+            if _as_int(key) is not None and all(n.isdigit() for n in names):
+                raise DataError(f"{where}: label {_as_int(key)} is outside the label set 0..{len(names) - 1}")
+            raise DataError(f"{where}: label {r['label']!r} is not in the training label set {list(names)}")
+        out.append(dict(r, label=index[key]))
+    return out
+
+
+def to_messages(record: dict) -> list[dict]:
+    """The conversation of a record: its ``messages``, or an Alpaca record's user/assistant pair."""
+    if "messages" in record:
+        return record["messages"]
+    inp = record.get("input") or ""
+    user = f"{record['instruction']}\n{inp}" if inp else record["instruction"]
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
 
 
 def classification_to_instruction(records: list[dict], instruction: str,
                                   label_words: Sequence[str]) -> list[dict]:
-    """Turn ``{"text", "label"}`` records into instruction records answering with a label word."""
-    return [{"instruction": instruction, "input": r["text"], "output": label_words[r["label"]],
+    """Turn ``{"text", "label": id}`` records into conversations answering with a label word."""
+    return [{"messages": [{"role": "user", "content": f"{instruction}\n{r['text']}" if r["text"] else instruction},
+                          {"role": "assistant", "content": label_words[r["label"]]}],
              "label": r["label"]} for r in records]
 
 
-def encode_instruction(tokenizer, record: dict, max_length: int) -> dict:
-    """Token ids and labels of one instruction record.
+def answer_words(data_cfg, labels: Sequence[str]) -> tuple:
+    """The answer word of each label when labelled data trains a causal LM.
 
-    The prompt is tokenized with the tokenizer's special tokens (a BOS when it adds one), the
-    output without them, then eos is appended; prompt and answer are tokenized apart so the
-    label boundary is exact. The joined sequence is cut to ``max_length`` from the right.
-
-    Returns:
-        ``{"input_ids": list[int], "labels": list[int], "prompt_len": int}`` with labels -100
-        on every prompt position.
+    ``data_cfg.label_words`` when given; else the bundled data's words, or the label names
+    themselves (integer labels need explicit words).
     """
-    if tokenizer.eos_token_id is None:
-        raise DataError("the tokenizer has no eos token; the instruction template needs one")
-    prompt_ids = tokenizer(format_prompt(record["instruction"], record.get("input", "")))["input_ids"]
-    answer_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (prompt_ids + answer_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
-    return {"input_ids": ids, "labels": labels, "prompt_len": min(len(prompt_ids), max_length)}
+    words = data_cfg.label_words
+    if not words:
+        words = BUNDLED_LABEL_WORDS.get(data_cfg.data) or tuple(labels)
+        if all(n.isdigit() for n in labels) and data_cfg.data not in BUNDLED_LABEL_WORDS:
+            raise DataError(f"integer labels {list(labels)} need --label-words (one answer word per label) "
+                            f"for an instruct task")
+    if len(words) != len(labels):
+        raise DataError(f"label_words={list(words)}: expected {len(labels)} words, one per label {list(labels)}")
+    return tuple(words)
+
+
+def encode_instruction(tokenizer, record: dict, max_length: int, template: str = "seed") -> dict:
+    """Token ids and labels of one conversation (or Alpaca) record, tokenized once.
+
+    Args:
+        tokenizer: a fast Hugging Face tokenizer.
+        record: ``{"messages": [...]}`` or ``{"instruction", "input", "output"}``.
+        max_length: cut the ids from the right to this many tokens.
+        template: a resolved template name (see ``train.templates``).
+    Returns:
+        ``{"input_ids", "labels", "prompt_len"}``, labels -100 outside the answers.
+    """
+    return encode_conversation(tokenizer, to_messages(record), template, max_length)
 
 
 def encode_text(tokenizer, record: dict, max_length: int) -> dict:

@@ -2,9 +2,10 @@
 
 MiniLM-L6 learns Rotten Tomatoes sentiment as a classifier with each method (the head-only
 baseline, prompt tuning, P-Tuning, prefix tuning, LoRA, QLoRA, IA3); SmolLM2-135M-Instruct learns the
-same labels as an instruction task with LoRA ("Human: Is the sentiment ... positive or negative?\\n<review>
-\\n\\nAssistant: " -> "positive" / "negative"), scored by comparing the two answer tokens'
-logits. Accuracy is measured on the held-out split before and after training.
+same labels as an instruction task with LoRA, rendered as a user would get it by default: with the
+model's own chat template (user turn "Is the sentiment ... positive or negative?\\n<review>",
+assistant turn "positive" / "negative"), scored by comparing the two answer tokens' logits.
+Accuracy is measured on the held-out split before and after training.
 
 The default budget fits a 2-core CPU in under 10 minutes; ``--full`` runs the longer anchor
 budget (400 steps of batch 16 for MiniLM, 300 of batch 8 for SmolLM2).
@@ -56,7 +57,8 @@ def demo_rows(full: bool = False) -> dict[str, RunConfig]:
         "ia3": mini("ia3"),  # bert defaults: key, value, output.dense (feed-forward side)
         "smollm2-lora": RunConfig(
             ModelConfig(method="lora", model="smollm2", lora_r=8, lora_alpha=16, target_modules=("q_proj", "v_proj")),
-            DataConfig(data="rotten_tomatoes", task="instruct", max_length=96, max_eval=smol_eval),
+            DataConfig(data="rotten_tomatoes", task="instruct", template="auto", max_length=96,
+                       max_eval=smol_eval),  # auto: SmolLM2-Instruct's own chat template
             LoopConfig(steps=smol_steps, batch_size=8, lr=smol_lr, precision=b["precision"], log_every=5)),
     }
 

@@ -1,8 +1,9 @@
 """Held-out evaluation: classifier accuracy, and answer-word accuracy for instruction models.
 
 For an instruction-tuned causal LM the class is read from one position: the logits after the
-prompt ``"Human: ...\\n\\nAssistant: "`` are compared at the first token of each answer word
-("negative", "positive"); the larger one is the prediction. The same rule scores the model
+prompt (what the template renders before an answer) are compared at the first token of each
+answer word ("negative", "positive") as the template tokenizes it; the larger one is the
+prediction. The same rule scores the model
 before (zero-shot) and after training.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from .data import PadCollator
 from .loss import batch_loss
+from .templates import encode_conversation
 
 __all__ = ["classify_accuracy", "answer_accuracy", "eval_loss", "answer_token_ids"]
 
@@ -43,9 +45,20 @@ def classify_accuracy(model: torch.nn.Module, examples: list[dict], pad_id: int,
     return {"accuracy": correct / len(examples), "eval_loss": loss_sum / len(examples)}
 
 
-def answer_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
-    """The first token id of each answer word as the answer is tokenized in training."""
-    ids = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in words]
+def answer_token_ids(tokenizer, words: Sequence[str], template: str = "seed", instruction: str = "x") -> list[int]:
+    """The first token id of each answer word as training tokenizes it: inside the rendering.
+
+    Args:
+        tokenizer: the run's tokenizer.
+        words: one answer word per class.
+        template: the resolved template (``seed``, ``chat``, ``none``).
+        instruction: a user turn to render before the answer.
+    """
+    ids = []
+    for w in words:
+        enc = encode_conversation(tokenizer, [{"role": "user", "content": instruction},
+                                              {"role": "assistant", "content": w}], template, 1 << 30)
+        ids.append(enc["input_ids"][enc["prompt_len"]])
     if len(set(ids)) != len(ids):
         raise ValueError(f"answer words {list(words)} share a first token {ids}; pick distinct words")
     return ids

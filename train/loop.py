@@ -110,7 +110,8 @@ def _epoch_batches(n: int, epoch: int, cfg: LoopConfig, rank: int, world: int) -
 def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict], cfg: LoopConfig,
           run_dir: Path, lr: float, *, evaluate: Optional[Callable[[torch.nn.Module], dict]] = None,
           write_adapter: Optional[Callable[[torch.nn.Module, Path], None]] = None,
-          resume: bool = False, extra_state: Optional[dict] = None) -> TrainResult:
+          resume: bool = False, extra_state: Optional[dict] = None,
+          batch_order: Optional[Callable[[int, int, int], list[list[int]]]] = None) -> TrainResult:
     """Optimize ``model``'s trainable parameters on ``examples``.
 
     Args:
@@ -126,6 +127,8 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
         write_adapter: writes the method's adapter folder into each checkpoint.
         resume: continue from ``run_dir``'s latest checkpoint.
         extra_state: JSON-ready fields stored in each checkpoint (e.g. the run config).
+        batch_order: ``(epoch, rank, world) -> index lists`` of this process's micro-batches
+            (e.g. ``train.packing.grouped_batches``); default: a seeded shuffle.
     Returns:
         A ``TrainResult``.
     Raises:
@@ -224,6 +227,11 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
         bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and main), unit="step")
     except ImportError:  # tqdm is a dependency; keep the loop usable without it
         bar = None
+    def epoch_batches(epoch: int) -> list[list[int]]:
+        if batch_order is not None:
+            return batch_order(epoch, rank, world)
+        return _epoch_batches(len(examples), epoch, cfg, rank, world)
+
     epochs: dict[int, list[list[int]]] = {}
     step_times, last_ckpt = [], None
     net.train()
@@ -233,17 +241,19 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
         for a in range(cfg.grad_accum):
             m = step * cfg.grad_accum + a  # global micro-batch index: the data order is a function of it
             if not epochs:
-                epochs[0] = _epoch_batches(len(examples), 0, cfg, rank, world)
+                epochs[0] = epoch_batches(0)
             per_epoch = len(epochs[0])
             epoch, j = divmod(m, per_epoch)
             if epoch not in epochs:
-                epochs = {0: epochs[0], epoch: _epoch_batches(len(examples), epoch, cfg, rank, world)}
+                epochs = {0: epochs[0], epoch: epoch_batches(epoch)}
             micro.append(collate([examples[i] for i in epochs[epoch][j]]))
         # Weight each micro-batch by its share of the step's targets, so that B x 1 and
         # (B/k) x k accumulation, and N ranks, all give the mean over the global batch.
         counts = torch.tensor([label_count(b) for b in micro], dtype=torch.float64)
         total = counts.sum()
-        tokens = torch.tensor(float(sum(int(b["attention_mask"].sum()) for b in micro)))
+        # packed batches carry no attention_mask: every position is a token
+        tokens = torch.tensor(float(sum(int(b["attention_mask"].sum()) if "attention_mask" in b
+                                        else b["input_ids"].numel() for b in micro)))
         if world > 1:
             dist.all_reduce(total)
             dist.all_reduce(tokens)

@@ -24,18 +24,21 @@ from . import adapters
 from .atomic import write_json_atomic
 from .checkpoint import latest_checkpoint, read_state
 from .config import RunConfig
-from .data import (PadCollator, classification_to_instruction, encode_instruction, encode_text, format_prompt,
-                   read_records, resolve_data, split_records)
+from .data import (DataError, answer_words, classification_to_instruction, encode_instruction,
+                   encode_labels, encode_text, label_set, read_records, resolve_data, split_records)
 from .evaluate import answer_accuracy, answer_token_ids, classify_accuracy, eval_loss
 from .fingerprint import resume_differences, run_fingerprint
 from .loop import resolve_device, train
 from .models import load_backbone, load_tokenizer, resolve_model
+from .packing import check_packing, disable_cache, loop_batches
 from .runlock import hold_run_folder
+from .templates import render, resolve_template
 
-__all__ = ["Prepared", "prepare", "build_model", "score", "run", "RUN_CONFIG"]
+__all__ = ["Prepared", "prepare", "build_model", "score", "run", "RUN_CONFIG", "LABELS_FILE"]
 
 log = logging.getLogger(__name__)
 RUN_CONFIG = "config.json"
+LABELS_FILE = "labels.json"  # in the adapter folder: {"labels": [name of class 0, 1, ...]}
 
 
 @dataclass
@@ -47,6 +50,14 @@ class Prepared:
     train: list[dict]               # encoded training examples
     held: list[dict]                # encoded held-out examples
     answer_ids: Optional[list[int]]  # causal LM with labelled data: one token per class
+    labels: Optional[tuple] = None  # classification data: label names in id order
+    template: Optional[str] = None  # causal LM: the resolved template (seed | chat | none)
+    data_files: tuple = ()          # the data files / folders read (training, then held-out)
+
+    @property
+    def num_labels(self) -> int:
+        """Classes of a classification head (2 when the data has no labels)."""
+        return len(self.labels) if self.labels else 2
 
 
 def _model_config(folder: Path) -> dict:
@@ -58,6 +69,14 @@ def _model_config(folder: Path) -> dict:
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return cfg
+
+
+def _template_identity(p: Prepared) -> str:
+    """The resolved template rendered with placeholders (part of the resume fingerprint)."""
+    if p.template is None:
+        return ""
+    turns = [{"role": "user", "content": "{user}"}, {"role": "assistant", "content": "{answer}"}]
+    return f"{p.template}: {render(p.tokenizer, turns, p.template)[0]}"
 
 
 def _is_causal(folder: Path) -> bool:
@@ -94,42 +113,65 @@ def prepare(cfg: RunConfig) -> Prepared:
         FileNotFoundError / DataError / ValueError naming the bad input.
     """
     resolve_device(cfg.loop.device)  # a CUDA device on a machine without one fails here
-    data_path = resolve_data(cfg.data.data)
+    d = cfg.data
+    data_path = resolve_data(d.data)
     folder = resolve_model(cfg.model.model)
-    records = read_records(data_path, cfg.data.num_labels)
+    records = read_records(data_path, d.text_column, d.label_column)
+    files = [str(data_path)]
+    if d.eval_data:  # a separate held-out file: the training file's non-train rows are left out
+        eval_path = resolve_data(d.eval_data)
+        held_recs = read_records(eval_path, d.text_column, d.label_column)
+        files.append(str(eval_path))
+        if ("text" in held_recs[0]) != ("text" in records[0]):
+            raise DataError(f"--eval-data {eval_path} holds other records than --data {data_path}")
+        train_recs = [r for r in records if r.get("split", "train") == "train"]
+    else:
+        train_recs, held_recs = split_records(records, d.eval_fraction, cfg.loop.seed)
+    labelled = "text" in records[0]
     causal = _is_causal(folder)
-    instruct_file = "instruction" in records[0]
-    task = cfg.data.task
+    task = d.task
     if task == "auto":
-        task = "instruct" if (causal or instruct_file) else "classify"
-    if task == "classify" and instruct_file:
-        raise ValueError(f"task=classify needs a text,label CSV; {data_path} holds instruction records")
+        task = "instruct" if (causal or not labelled) else "classify"
+    if task == "classify" and not labelled:
+        raise ValueError(f"task=classify needs text,label records; {data_path} holds conversations")
     if cfg.model.method == "head" and task != "classify":
-        raise ValueError("method 'head' trains a classification head; it needs task=classify and a CSV")
+        raise ValueError("method 'head' trains a classification head; it needs task=classify and labelled data")
     if task != "classify" and cfg.model.prompt_pool != "backbone":
         raise ValueError(f"prompt_pool={cfg.model.prompt_pool!r} chooses a classifier's pooling; "
                          f"task={task!r} has no classifier and would ignore it")
+    if d.packing and (task != "instruct" or cfg.model.method not in ("lora", "qlora")):
+        raise ValueError(f"--packing needs an instruct task with lora or qlora (method={cfg.model.method}, "
+                         f"task={task}): soft prompts and classifiers take one example per row")
+    labels = None
+    if labelled:
+        labels = label_set(train_recs, d.num_labels)
+        if d.label_words and len(d.label_words) != len(labels):
+            raise DataError(f"label_words={d.label_words}; expected {len(labels)} words, one per label {list(labels)}")
+        train_recs, held_recs = encode_labels(train_recs, labels), encode_labels(held_recs, labels)
     tokenizer = load_tokenizer(folder)
     tokenizer.name_or_path = cfg.model.model  # adapter configs name it as the user did, not the cache path
-    train_recs, held_recs = split_records(records, cfg.data.eval_fraction, cfg.loop.seed)
-    if cfg.data.max_train:
-        train_recs = train_recs[:cfg.data.max_train]
-    if cfg.data.max_eval:
-        held_recs = held_recs[:cfg.data.max_eval]
-    answer_ids = None
-    n = cfg.data.max_length
+    if d.max_train:
+        train_recs = train_recs[:d.max_train]
+    if d.max_eval:
+        held_recs = held_recs[:d.max_eval]
+    answer_ids, template, n = None, None, d.max_length
     if task == "classify":
         enc_train = [encode_text(tokenizer, r, n) for r in train_recs]
         enc_held = [encode_text(tokenizer, r, n) for r in held_recs]
     else:
-        if not instruct_file:
-            answer_ids = answer_token_ids(tokenizer, cfg.data.label_words)
-            train_recs = classification_to_instruction(train_recs, cfg.data.instruction, cfg.data.label_words)
-            held_recs = classification_to_instruction(held_recs, cfg.data.instruction, cfg.data.label_words)
-        enc_train = [dict(encode_instruction(tokenizer, r, n), **({"label": r["label"]} if "label" in r else {}))
-                     for r in train_recs]
-        enc_held = [dict(encode_instruction(tokenizer, r, n), **({"label": r["label"]} if "label" in r else {}))
-                    for r in held_recs]
+        template = resolve_template(d.template, tokenizer)
+        if labelled:
+            words = answer_words(d, labels)
+            answer_ids = answer_token_ids(tokenizer, words, template, d.instruction)
+            if len(set(answer_ids)) != len(answer_ids):
+                raise DataError(f"answer words {list(words)} share a first token {answer_ids}; pick distinct words")
+            train_recs = classification_to_instruction(train_recs, d.instruction, words)
+            held_recs = classification_to_instruction(held_recs, d.instruction, words)
+
+        def enc(r: dict) -> dict:
+            e = encode_instruction(tokenizer, r, n, template)
+            return dict(e, label=r["label"]) if "label" in r else e
+        enc_train, enc_held = [enc(r) for r in train_recs], [enc(r) for r in held_recs]
         kept = [e for e in enc_train if any(x != -100 for x in e["labels"])]
         if len(kept) < len(enc_train):
             log.warning("%d training examples lost their whole answer to max_length=%d and are skipped",
@@ -141,7 +183,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     _check_batch(cfg, len(enc_train))
     return Prepared(cfg=cfg, folder=folder, tokenizer=tokenizer,
                     task="seq_cls" if task == "classify" else "causal_lm",
-                    train=enc_train, held=enc_held, answer_ids=answer_ids)
+                    train=enc_train, held=enc_held, answer_ids=answer_ids, labels=labels,
+                    template=template, data_files=tuple(files))
 
 
 BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -153,7 +196,7 @@ def build_model(p: Prepared, device: Optional[torch.device] = None) -> torch.nn.
     The backbone moves to ``device`` before the adapter is built, so QLoRA quantizes there.
     """
     torch.manual_seed(p.cfg.loop.seed)
-    backbone = load_backbone(p.folder, p.task, num_labels=p.cfg.data.num_labels,
+    backbone = load_backbone(p.folder, p.task, num_labels=p.num_labels,
                              dtype=BASE_DTYPES[p.cfg.model.base_dtype])
     name_model(backbone, p.cfg.model.model)
     if device is not None:
@@ -220,31 +263,41 @@ def run(cfg: RunConfig, run_dir: Path, resume: bool = False, prepared: Optional[
     run_dir = Path(run_dir)
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
     device = resolve_device(cfg.loop.device)
-    fingerprint = run_fingerprint(cfg, p.folder, p.tokenizer, format_prompt("{instruction}", "{input}"))
+    fingerprint = run_fingerprint(cfg, p.folder, p.tokenizer, _template_identity(p))
     with hold_run_folder(run_dir) if main else contextlib.nullcontext(False):
         if main and not resume and any(run_dir.iterdir()):
             raise FileExistsError(f"run folder {run_dir} is not empty; pick another --out or pass --resume")
         state = _resume_state(run_dir, cfg, fingerprint) if resume else {}
         model = build_model(p, device)
+        if cfg.data.packing:
+            disable_cache(model)
+            check_packing(model, device, vocab=min(len(p.tokenizer), model.get_input_embeddings().num_embeddings))
         before = state.get("before", {}) if resume else score(model, p, device)
         if main:
             write_json_atomic(run_dir / RUN_CONFIG, {**cfg.to_dict(), "effective_lr": cfg.lr,
                                                      "fingerprint": fingerprint})
         method = cfg.model.method
         t0 = time.perf_counter()
-        result = train(model, p.train, PadCollator(p.tokenizer.pad_token_id, padding_side(model, p)), cfg.loop,
+        examples, collate, order = loop_batches(p.train, cfg.data, cfg.loop, p.tokenizer.pad_token_id,
+                                                padding_side(model, p))
+        result = train(model, examples, collate, cfg.loop,
                        run_dir, cfg.lr, evaluate=lambda m: score(m, p, device),
                        write_adapter=lambda m, f: adapters.save_adapted(m, method, f), resume=resume,
-                       extra_state={"run": cfg.to_dict(), "fingerprint": fingerprint, "before": before})
+                       extra_state={"run": cfg.to_dict(), "fingerprint": fingerprint, "before": before},
+                       batch_order=order)
         seconds = time.perf_counter() - t0
         after = score(model, p, device)
         adapter_dir = adapters.save_adapted(model, method, run_dir / "adapter") if main else None
+        if main and p.labels:  # the label names travel with the adapter (predict prints them)
+            write_json_atomic(Path(adapter_dir) / LABELS_FILE, {"labels": list(p.labels)})
         summary = {"method": method, "model": cfg.model.model, "data": cfg.data.data, "task": p.task,
                    "trainable_params": adapters.count_trainable(model),
                    "adapter_bytes": adapters.adapter_bytes(adapter_dir), "steps": result.steps,
                    "s_per_step": result.seconds_per_step, "train_seconds": seconds,
                    "final_loss": result.final_loss, "before": before, "after": after,
-                   "n_train": len(p.train), "n_eval": len(p.held)}
+                   "n_train": len(p.train), "n_eval": len(p.held), "template": p.template,
+                   "labels": list(p.labels) if p.labels else None,
+                   "packed_rows": len(examples) if cfg.data.packing else None}
         if main:
             write_json_atomic(run_dir / "summary.json", summary)
     return summary

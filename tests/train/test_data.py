@@ -8,8 +8,8 @@ import torch
 
 from tests.models import tiny_tokenizer
 from train.data import (BUNDLED_DATA, IGNORE_INDEX, DataError, PadCollator, classification_to_instruction,
-                        encode_instruction, encode_text, format_prompt, read_records, resolve_data,
-                        split_records)
+                        encode_instruction, encode_labels, encode_text, format_prompt, label_set, read_records,
+                        resolve_data, split_records)
 
 
 def test_template_matches_the_seed_strings():
@@ -23,10 +23,11 @@ def test_prompt_labels_are_masked_and_answer_ends_with_eos():
     tok = tiny_tokenizer()
     rec = {"instruction": "Is the sentiment positive or negative?", "input": "great movie", "output": "positive"}
     enc = encode_instruction(tok, rec, max_length=256)
-    prompt = tok("Human: Is the sentiment positive or negative?\ngreat movie\n\nAssistant: ")["input_ids"]
-    answer = tok("positive", add_special_tokens=False)["input_ids"]
-    assert enc["input_ids"] == prompt + answer + [tok.eos_token_id]
-    assert enc["labels"] == [IGNORE_INDEX] * len(prompt) + answer + [tok.eos_token_id]
+    text = "Human: Is the sentiment positive or negative?\ngreat movie\n\nAssistant: positive</s>"
+    assert enc["input_ids"] == tok(text)["input_ids"]  # the whole example tokenized once
+    n = enc["prompt_len"]
+    assert enc["labels"] == [IGNORE_INDEX] * n + enc["input_ids"][n:]
+    assert tok.decode(enc["input_ids"][n:]) == " positive</s>" and enc["input_ids"][-1] == tok.eos_token_id
     assert enc["input_ids"][0] == tok.bos_token_id  # the tokenizer's BOS stays on the prompt
 
 
@@ -62,7 +63,10 @@ def test_bundled_rotten_tomatoes_split():
     recs = read_records(resolve_data("rotten_tomatoes"))
     train, test = split_records(recs, 0.2, seed=0)
     assert (len(recs), len(train), len(test)) == (4000, 3200, 800)
-    assert {r["label"] for r in recs} == {0, 1} and sum(r["label"] for r in recs) == 2000
+    names = label_set(train)
+    assert names == ("0", "1")
+    ids = [r["label"] for r in encode_labels(recs, names)]
+    assert set(ids) == {0, 1} and sum(ids) == 2000
     assert not {r["text"] for r in train} & {r["text"] for r in test}
     assert (BUNDLED_DATA["rotten_tomatoes"].parent / "SOURCE.md").is_file()
 
@@ -71,23 +75,48 @@ def test_instruction_files_and_conversion(tmp_path):
     items = [{"instruction": "a", "input": "b", "output": "c"}, {"instruction": "d", "output": "e"}]
     (tmp_path / "x.json").write_text(json.dumps(items))
     (tmp_path / "x.jsonl").write_text("\n".join(json.dumps(i) for i in items) + "\n")
-    expected = [{"instruction": "a", "input": "b", "output": "c"}, {"instruction": "d", "input": "", "output": "e"}]
-    assert read_records(tmp_path / "x.json") == expected
-    assert read_records(tmp_path / "x.jsonl") == expected
+    expected = [[{"role": "user", "content": "a\nb"}, {"role": "assistant", "content": "c"}],
+                [{"role": "user", "content": "d"}, {"role": "assistant", "content": "e"}]]
+    assert [r["messages"] for r in read_records(tmp_path / "x.json")] == expected
+    assert [r["messages"] for r in read_records(tmp_path / "x.jsonl")] == expected
+    assert [r["where"] for r in read_records(tmp_path / "x.jsonl")] == [f"{tmp_path / 'x.jsonl'}:{i}" for i in (1, 2)]
     conv = classification_to_instruction([{"text": "t", "label": 1}], "Q?", ("negative", "positive"))
-    assert conv == [{"instruction": "Q?", "input": "t", "output": "positive", "label": 1}]
+    assert conv == [{"messages": [{"role": "user", "content": "Q?\nt"}, {"role": "assistant", "content": "positive"}],
+                     "label": 1}]
+    # an Alpaca record and its conversation encode identically, to the seed strings
+    tok = tiny_tokenizer()
+    alpaca = encode_instruction(tok, {"instruction": "Q?", "input": "t", "output": "positive"}, 64)
+    assert encode_instruction(tok, conv[0], 64) == alpaca
+    assert tok.decode(alpaca["input_ids"][:alpaca["prompt_len"]], skip_special_tokens=True) == "Human: Q?\nt\n\nAssistant:"
     recs = [{"text": str(i), "label": i % 2} for i in range(10)]
     train, held = split_records(recs, 0.2, seed=0)
     assert len(held) == 2 and len(train) == 8 and split_records(recs, 0.2, seed=0) == (train, held)
 
 
+def test_label_sets():
+    recs = [{"text": "a", "label": "pos", "where": "f:2"}, {"text": "b", "label": "neg", "where": "f:3"},
+            {"text": "c", "label": "neutral", "where": "f:4"}]
+    assert label_set(recs) == ("neg", "neutral", "pos")  # sorted: independent of row order
+    assert label_set(recs[::-1]) == ("neg", "neutral", "pos")
+    assert [r["label"] for r in encode_labels(recs, label_set(recs))] == [2, 0, 1]
+    with pytest.raises(DataError, match=r"f:9: label 'happy' is not in the training label set"):
+        encode_labels([{"text": "x", "label": "happy", "where": "f:9"}], ("neg", "pos"))
+    with pytest.raises(DataError, match="num_labels=2 but the training data has 3 labels"):
+        label_set(recs, num_labels=2)
+    ints = [{"text": "a", "label": "2", "where": "f:2"}, {"text": "b", "label": "0", "where": "f:3"}]
+    assert label_set(ints) == ("0", "1", "2") and label_set(ints, num_labels=4) == ("0", "1", "2", "3")
+    with pytest.raises(DataError, match="f:2: label 2 is outside the label set 0..1"):
+        label_set(ints, num_labels=2)
+    with pytest.raises(DataError, match="single label"):
+        label_set(recs[:1])
+
+
 @pytest.mark.parametrize("name,content,match", [
     ("empty.csv", "text,label\n", "no records"),
-    ("cols.csv", "sentence,label\nhi,1\n", r"missing column\(s\) \['text'\]"),
-    ("lab.csv", "text,label\nhi,2\n", "outside the label set"),
-    ("nonint.csv", "text,label\nhi,pos\n", "not an integer"),
+    ("cols.csv", "sentence,label\nhi,1\n", r"cols.csv: missing column\(s\) \['text'\]; found \['sentence', 'label'\]"),
+    ("nolab.csv", "text,label\nhi,1\nho,\n", r"nolab.csv:3: field 'label' is ''"),
     ("empty.json", "", "no records"),
-    ("field.jsonl", '{"instruction": "a"}\n', r"lacks string field\(s\) \['output'\]"),
+    ("field.jsonl", '{"instruction": "a"}\n', r"field.jsonl:1: field 'output' is missing"),
     ("bad.jsonl", '{"instruction": \n', "not valid JSON"),
     ("obj.json", '{"instruction": "a"}', "expected a JSON list"),
     ("x.txt", "hello", "unknown suffix"),
