@@ -92,6 +92,9 @@ def generate_with_prompt(backbone: nn.Module, injection: PromptInjection, input_
     Returns:
         what ``generate`` returns: [B, L + T] ids, or a ``GenerateOutput`` when asked.
     """
+    if attention_mask is not None and bool((attention_mask.sum(dim=1) == 0).any()):
+        rows = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+        raise ValueError(f"attention_mask rows {rows} are all padding; every row needs at least one real token")
     if attention_mask is not None and bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generate() needs left padding: some rows have a 0 in the last mask column")
     handle = backbone.register_forward_pre_hook(injection, with_kwargs=True)
