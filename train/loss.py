@@ -148,7 +148,7 @@ def _chunk_loss(rows: torch.Tensor, wanted: torch.Tensor, head: nn.Module, post)
 def _post_head(lm: nn.Module, raw: torch.Tensor, final: torch.Tensor):
     """What the model does to the head's output, read from the probe row: None (nothing), a
     softcap from the config, or a constant scale. Anything else raises."""
-    raw, final = raw.reshape(-1), final.reshape(-1)
+    raw, final = raw.detach().reshape(-1), final.detach().reshape(-1)
     if raw.shape != final.shape:
         raise ValueError(f"the model returned logits {tuple(final.shape)} for the head's "
                          f"{tuple(raw.shape)}; use loss mode 'full'")
