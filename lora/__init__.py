@@ -8,6 +8,7 @@ from .nf4 import NF4State, dequantize_nf4, quantize_nf4
 from .nf4_linear import NF4Linear
 from .quantize import (QuantReport, dequantize_model, load_quantized, memory_report,
                        quantize_model, save_quantized)
+from .stream import NF4Config, TensorFiles, load_streamed
 from .summary import trainable_summary
 from .targets import DEFAULT_TARGETS, LINEAR_TYPES
 
@@ -17,4 +18,5 @@ __all__ = [
     "DEFAULT_TARGETS", "LINEAR_TYPES",
     "NF4Linear", "quantize_nf4", "dequantize_nf4", "quantize_model", "dequantize_model",
     "NF4State", "memory_report", "QuantReport", "save_quantized", "load_quantized",
+    "NF4Config", "TensorFiles", "load_streamed",
 ]

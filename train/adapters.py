@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from .config import ModelConfig
 
 __all__ = ["build_adapted", "save_adapted", "load_adapted", "count_trainable", "adapter_bytes",
-           "qlora_available", "head_name"]
+           "qlora_available", "head_name", "nf4_config"]
 
 log = logging.getLogger(__name__)
 _HEADS = ("classifier", "score")  # classification head attribute names in transformers
@@ -40,6 +40,24 @@ def qlora_available() -> bool:
     """Whether the lora package exposes ``quantize_model`` (the NF4 base)."""
     import lora
     return hasattr(lora, "quantize_model")
+
+
+def nf4_config(task: str, dtype: torch.dtype):
+    """QLoRA's NF4 settings for a base of ``dtype``: heads stay dense, compute in the base dtype."""
+    import lora
+    return lora.NF4Config(skip=_HEADS if task == "seq_cls" else ("lm_head",),
+                          compute_dtype=None if dtype == torch.float32 else dtype)
+
+
+def _quantize_once(backbone: torch.nn.Module, task: str) -> None:
+    """NF4 for a dense backbone; a backbone loaded already quantized is left as it is."""
+    import lora
+    if not qlora_available():
+        raise RuntimeError("method 'qlora' needs lora.quantize_model, which this install lacks")
+    if any(isinstance(m, lora.NF4Linear) for m in backbone.modules()):
+        return
+    cfg = nf4_config(task, next(backbone.parameters()).dtype)
+    lora.quantize_model(backbone, skip=cfg.skip, compute_dtype=cfg.compute_dtype)
 
 
 def build_adapted(backbone: torch.nn.Module, cfg: ModelConfig, task: str, tokenizer=None) -> torch.nn.Module:
@@ -81,11 +99,7 @@ def _build(backbone: torch.nn.Module, cfg: ModelConfig, task: str, tokenizer) ->
         import lora
         heads = (head_name(backbone),) if task == "seq_cls" else ()
         if method == "qlora":
-            if not qlora_available():
-                raise RuntimeError("method 'qlora' needs lora.quantize_model, which this install lacks")
-            skip = heads if heads else ("lm_head",)
-            dtype = next(backbone.parameters()).dtype
-            lora.quantize_model(backbone, skip=skip, compute_dtype=None if dtype == torch.float32 else dtype)
+            _quantize_once(backbone, task)
         lcfg = lora.LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                                target_modules=cfg.target_modules or None, modules_to_save=heads)
         return lora.add_lora(backbone, lcfg)
@@ -148,9 +162,7 @@ def load_adapted(backbone: torch.nn.Module, method: str, folder: Path) -> torch.
         if method == "qlora":
             raw = json.loads((folder / "adapter_config.json").read_text())
             heads = tuple(h for h in (raw.get("modules_to_save") or []) if hasattr(backbone, h))
-            dtype = next(backbone.parameters()).dtype
-            lora.quantize_model(backbone, skip=heads or ("lm_head",),
-                                compute_dtype=None if dtype == torch.float32 else dtype)
+            _quantize_once(backbone, "seq_cls" if heads else "causal_lm")
         return lora.load_lora(backbone, folder)
     raise ValueError(f"method={method!r}; expected prompt, ptuning, lora, qlora or head")
 

@@ -105,8 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_run(run_dir: Path):
     from . import adapters
-    from .run import RUN_CONFIG, prepare
-    from .models import load_backbone
+    from .run import RUN_CONFIG, load_base, prepare
     cfg_path = run_dir / RUN_CONFIG
     if not cfg_path.is_file() or not (run_dir / "adapter").is_dir():
         raise FileNotFoundError(f"{run_dir} is not a finished run folder (needs {RUN_CONFIG} and adapter/)")
@@ -115,9 +114,7 @@ def _load_run(run_dir: Path):
     cfg = RunConfig.from_dict(raw)
     p = prepare(cfg)
     from .loop import resolve_device
-    from .run import BASE_DTYPES
-    backbone = load_backbone(p.folder, p.task, num_labels=cfg.data.num_labels, dtype=BASE_DTYPES[cfg.model.base_dtype])
-    backbone.to(resolve_device(cfg.loop.device))
+    backbone = load_base(cfg, p.folder, p.task, resolve_device(cfg.loop.device))
     model = adapters.load_adapted(backbone, cfg.model.method, run_dir / "adapter")
     return cfg, p, model.eval()
 

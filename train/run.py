@@ -26,7 +26,7 @@ from .evaluate import answer_accuracy, answer_token_ids, classify_accuracy, eval
 from .loop import resolve_device, train
 from .models import load_backbone, load_tokenizer, resolve_model
 
-__all__ = ["Prepared", "prepare", "build_model", "score", "run", "RUN_CONFIG"]
+__all__ = ["Prepared", "prepare", "load_base", "build_model", "score", "run", "RUN_CONFIG"]
 
 log = logging.getLogger(__name__)
 RUN_CONFIG = "config.json"
@@ -101,16 +101,25 @@ def prepare(cfg: RunConfig) -> Prepared:
 BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def load_base(cfg: RunConfig, folder: Path, task: str,
+              device: Optional[torch.device] = None) -> torch.nn.Module:
+    """The run's frozen backbone, streamed onto ``device`` in ``--base-dtype``; for ``qlora``
+    its linear layers (all but the heads) are quantized to NF4 as they are read."""
+    dtype = BASE_DTYPES[cfg.model.base_dtype]
+    quantize = None
+    if cfg.model.method == "qlora":
+        quantize = adapters.nf4_config(task, dtype)
+    return load_backbone(folder, task, num_labels=cfg.data.num_labels, dtype=dtype,
+                         quantize=quantize, device=device or "cpu")
+
+
 def build_model(p: Prepared, device: Optional[torch.device] = None) -> torch.nn.Module:
     """The backbone (seeded, so a new classifier head is the same each run) with its adapter.
 
-    The backbone moves to ``device`` before the adapter is built, so QLoRA quantizes there.
+    The backbone is loaded straight onto ``device``, so QLoRA quantizes there.
     """
     torch.manual_seed(p.cfg.loop.seed)
-    backbone = load_backbone(p.folder, p.task, num_labels=p.cfg.data.num_labels,
-                             dtype=BASE_DTYPES[p.cfg.model.base_dtype])
-    if device is not None:
-        backbone.to(device)
+    backbone = load_base(p.cfg, p.folder, p.task, device)
     return adapters.build_adapted(backbone, p.cfg.model, p.task, p.tokenizer)
 
 
