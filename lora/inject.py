@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import LoRAConfig
 from .heads import TrainedCopy
+from .hf_save import refresh_save_guard
 from .layer import LoRALinear
 from .targets import resolve_heads, resolve_targets
 
@@ -130,6 +131,7 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     setattr(model, _STATE, LoRAState(config=config, requires_grad=flags))
     for p in lora_parameters(model):
         p.requires_grad_(True)
+    refresh_save_guard(model)  # transformers' save_pretrained would lose the base weights
     return model
 
 
@@ -167,6 +169,7 @@ def remove_lora(model: nn.Module, merge: bool = False) -> nn.Module:
     delattr(model, _STATE)
     for n, p in model.named_parameters():
         p.requires_grad_(state.requires_grad.get(n, p.requires_grad))
+    refresh_save_guard(model)
     return model
 
 

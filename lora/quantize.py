@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .hf_save import refresh_save_guard
 from .nf4_linear import NF4Linear, quant_state_from_tensors
 from .stream import NF4Config, _materialize_leftovers, _parent, _quantizable, _tie_groups, nf4_layer
 
@@ -66,6 +67,7 @@ def quantize_model(model: nn.Module, skip: Sequence[str] = ("lm_head",), blocksi
             done[id(module)] = nf4_layer(module, cfg)
         setattr(parent, attr, done[id(module)])  # the dense weight is freed here
         del module
+    refresh_save_guard(model)
     return model
 
 
@@ -82,6 +84,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
         if isinstance(module, NF4Linear):
             parent, attr = _parent(model, name)
             setattr(parent, attr, module.to_linear(dtype))
+    refresh_save_guard(model)
     return model
 
 
@@ -184,4 +187,5 @@ def load_quantized(model: nn.Module, path: str | os.PathLike,
     if missing or result.unexpected_keys:
         raise KeyError(f"load_quantized({os.fspath(path)!r}): missing keys {missing}, "
                        f"unexpected keys {list(result.unexpected_keys)}")
+    refresh_save_guard(model)
     return model

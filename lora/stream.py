@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .hf_save import refresh_save_guard
 from .nf4_linear import NF4Linear
 
 __all__ = ["NF4Config", "TensorFiles", "load_streamed", "nf4_layer"]
@@ -91,10 +92,21 @@ class TensorFiles:
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name][2]["shape"])
+
     def get_tensor(self, name: str, dtype: Optional[torch.dtype] = None,
-                   device: torch.device | str = "cpu") -> torch.Tensor:
-        """The tensor ``name``; floats cast to ``dtype`` (None: as stored), then on ``device``."""
+                   device: torch.device | str = "cpu",
+                   expect: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+        """The tensor ``name``; floats cast to ``dtype`` (None: as stored), then on ``device``.
+
+        Raises:
+            ValueError: its stored shape differs from ``expect`` (when given).
+        """
         path, start, entry = self.entries[name]
+        if expect is not None and tuple(entry["shape"]) != tuple(expect):
+            raise ValueError(f"{path}: tensor {name!r} has shape {list(entry['shape'])}; the model "
+                             f"expects {list(expect)}")
         begin, end = entry["data_offsets"]
         out = torch.empty(entry["shape"], dtype=_ST_DTYPES[entry["dtype"]])
         if end > begin:
@@ -207,9 +219,9 @@ def load_streamed(model: nn.Module, checkpoint: str | os.PathLike | Sequence[str
             if w_key is None:
                 missing.append(pre + "weight")
                 continue
-            weight = files.get_tensor(w_key, dtype, device)
+            weight = files.get_tensor(w_key, dtype, device, module.weight.shape)
             b_key = _file_key(pre + "bias", files, prefix) if module.bias is not None else None
-            bias = files.get_tensor(b_key, dtype, device) if b_key else None
+            bias = files.get_tensor(b_key, dtype, device, module.bias.shape) if b_key else None
             parent, attr = _parent(model, name)
             setattr(parent, attr, nf4_layer(module, quantize, weight=weight, bias=bias))
             del weight, bias  # the dense layer is gone before the next one is read
@@ -228,7 +240,7 @@ def load_streamed(model: nn.Module, checkpoint: str | os.PathLike | Sequence[str
                 if key is None:
                     missing.append(pre + pname)
                     continue
-                tensor = files.get_tensor(key, dtype, device)
+                tensor = files.get_tensor(key, dtype, device, value.shape)
                 if kind == "_parameters":
                     tensor = nn.Parameter(tensor, requires_grad=value.requires_grad)
                     loaded[id(value)] = tensor
@@ -240,6 +252,7 @@ def load_streamed(model: nn.Module, checkpoint: str | os.PathLike | Sequence[str
         log.info("new modules initialized by the model: %s", missing)
     _materialize_leftovers(model, device)
     _check_ties(model, ties, files, prefix)
+    refresh_save_guard(model)
     return model
 
 
