@@ -203,7 +203,7 @@ def main() -> None:
                          mib(r["train_peak"] - r["base"]), f"{r['load_s']:.1f}", f"{r['step_s']:.2f}",
                          " / ".join(vs)])
         if "error" not in ours_q:
-            bound = 1.25 * (ours_q["nf4_bytes"] + ours_q["dense_bytes"] + largest_tensor_bytes(folder, 2))
+            bound = 1.25 * (ours_q["nf4_bytes"] + ours_q["dense_bytes"] + largest_tensor_bytes(folder, 4 if CASES["ours QLoRA"][2] == "fp32" else 2))
             grew = ours_q["load_peak"] - ours_q["base"]
             lora_peaks = [results[c]["train_peak"] - results[c]["base"] for c in ("ours LoRA fp32", "ours LoRA bf16")
                           if "error" not in results.get(c, none)]

@@ -37,7 +37,7 @@ def _check(ok: bool, msg: str) -> None:
 @dataclass(frozen=True)
 class ModelConfig:
     method: str = "lora"            # prompt | ptuning | lora | qlora | head (classifier head only)
-    model: str = "minilm"           # bundled name (minilm, smollm2) or a local Hugging Face folder
+    model: str = "minilm"           # bundled name (minilm, smollm2), a local Hugging Face folder or a cached hub id (org/name)
     base_dtype: str = "fp32"        # dtype of the frozen base weights: fp32 | bf16 | fp16 (adapters stay fp32)
     n_virtual: int = 20             # prompt / ptuning: number of virtual tokens
     prompt_init: str = "random"     # prompt: random | text | vocab
