@@ -106,6 +106,9 @@ for _ in range(steps):
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if stack == "ours":  # what train.loop does after each CPU step
+        from train.memory import release_freed_memory
+        release_freed_memory()
     losses.append(float(loss))
 step_s = (time.perf_counter() - t0) / steps
 out = dict(base=base, after_load=after_load, load_peak=load_peak, train_peak=rss("VmHWM"),
@@ -221,7 +224,9 @@ def main() -> None:
             "and the model's modelling code, peft, bitsandbytes, lora), measured with the kernel's VmRSS / VmHWM in a fresh "
             f"process per case; {steps} AdamW steps of LoRA r={RANK} on {', '.join(TARGETS)}, "
             "batch x seq " + ", ".join(f"{m} {SHAPES[m][0]}x{SHAPES[m][1]}" for m in models) +
-            ". Ours loads through `train.models.load_backbone` (streamed; NF4 as it reads), "
+            ". Ours trains as `train.loop` does: after each CPU step the freed heap goes back to "
+            "the OS (`train.memory.release_freed_memory`); every NF4 matmul dequantizes into one "
+            "reused buffer per weight size. Ours loads through `train.models.load_backbone` (streamed; NF4 as it reads), "
             "peft+bnb through `from_pretrained(quantization_config=BitsAndBytesConfig(nf4, "
             "double quant))` + `get_peft_model`. llama-1b is random-init, saved sharded in bf16.\n\n"
             + "\n".join(notes))
