@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -26,6 +27,12 @@ class TrainedCopy(nn.Module):
             p.requires_grad_(True)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # Outside autocast a 16-bit base hands 16-bit hidden states to a copy trained in fp32:
+        # run the copy in its own dtype (under autocast the ops cast by themselves).
+        p = next(self.trained.parameters(), None)
+        if p is not None and p.is_floating_point() and not torch.is_autocast_enabled(p.device.type):
+            cast = lambda x: x.to(p.dtype) if torch.is_tensor(x) and x.is_floating_point() else x  # noqa: E731
+            args, kwargs = tuple(map(cast, args)), {k: cast(v) for k, v in kwargs.items()}
         return self.trained(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

@@ -1,8 +1,9 @@
 """``python -m train``: argparse flags generated from the config dataclasses.
 
 Sub-commands: ``train`` (one run), ``eval`` (score a run's adapter on the held-out split),
-``predict`` (classify texts, or generate answers for instructions, with a run's adapter) and
-``demo`` (every method on the bundled data, one table). Values come from, in rising priority:
+``predict`` (classify texts, or generate answers for instructions, with a run's adapter),
+``sweep`` (a grid of runs over knobs and seeds, with confidence intervals) and ``demo`` (every
+method on the bundled data, one table). Values come from, in rising priority:
 the dataclass defaults, a JSON file given with ``--config`` (``{"model": {...}, "data": {...},
 "loop": {...}}``), then the flags.
 """
@@ -96,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path)
     p.add_argument("texts", nargs="+")
     p.add_argument("--max-new-tokens", type=int, default=20)
+    p = sub.add_parser("sweep", help="a grid of runs (method x knobs x seeds) with mean, std and 95% CI")
+    p.add_argument("spec", type=Path, help="JSON spec: base, grid and/or cells, seeds, metric (docs/sweep.md)")
+    p.add_argument("--out", type=Path, required=True, help="sweep folder; rerunning into it continues a killed sweep")
+    p.add_argument("--workers", type=int, default=1, help="runs at once, each in its own process (default 1)")
     p = sub.add_parser("demo", help="every method on the bundled data; prints one table")
     p.add_argument("--out", type=Path, default=None, help="demo folder (default runs/demo-<time>)")
     p.add_argument("--full", action="store_true", help="the longer anchor budget (400 / 300 steps)")
@@ -173,6 +178,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(json.dumps(score(model, p, device), indent=2))
         elif args.command in ("predict", "generate"):
             _predict(args)
+        elif args.command == "sweep":
+            from .sweep import format_summary, load_spec, run_sweep
+            spec = load_spec(args.spec)
+            summary = run_sweep(spec, args.out, workers=args.workers, progress=print)
+            print(format_summary(summary, spec.metric), end="")
+            print(f"sweep folder: {args.out}")
         elif args.command == "demo":
             from .demo import run_demo
             run_demo(out=args.out, full=args.full, only=args.only)

@@ -7,6 +7,7 @@ read and how to encode it) and ``LoopConfig`` (the optimizer loop).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -17,6 +18,7 @@ __all__ = ["METHODS", "PRECISIONS", "SCHEDULES", "ModelConfig", "DataConfig", "L
 METHODS = ("prompt", "ptuning", "lora", "qlora", "head")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
+LOGS = ("jsonl", "tensorboard")
 TASKS = ("auto", "classify", "instruct")
 
 # Learning rates that suit each method on the bundled data (prompts need a much larger step
@@ -115,6 +117,8 @@ class LoopConfig:
     grad_checkpointing: bool = False  # recompute activations in backward (frozen base safe)
     device: str = "auto"            # auto (cuda if available) | cpu | cuda | cuda:N
     progress: bool = True           # show a tqdm progress bar on rank 0
+    compile: bool = False           # run the model's forward through torch.compile (same numbers, to fp32 rounding)
+    log: str = "jsonl"              # jsonl (metrics.jsonl) | tensorboard (also TensorBoard events in tensorboard/)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -130,6 +134,9 @@ class LoopConfig:
         _check(self.max_grad_norm >= 0, f"max_grad_norm={self.max_grad_norm}; expected >= 0")
         _check(self.eval_every >= 0, f"eval_every={self.eval_every}; expected >= 0")
         _check(self.save_every >= 0, f"save_every={self.save_every}; expected >= 0")
+        _check(self.log in LOGS, f"log={self.log!r}; expected one of {LOGS}")
+        _check(self.log != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
+               "log='tensorboard' needs the tensorboard package: pip install tensorboard (or purepeft[log])")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                f"device={self.device!r}; expected auto, cpu, cuda or cuda:N")
 

@@ -27,6 +27,7 @@ from torch.utils.data.distributed import DistributedSampler
 from .checkpoint import latest_checkpoint, load_checkpoint, named_trainable, save_checkpoint
 from .config import LoopConfig
 from .memory import release_freed_memory
+from .metrics import open_board
 from .plot import plot_loss, read_metrics
 from .schedule import lr_factor
 
@@ -144,6 +145,8 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
     # DDP buckets only parameters that require grad: the frozen base costs no all-reduce.
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if cfg.compile:  # the forward only: checkpoints and adapters still see the plain model
+        net = torch.compile(net)
 
     # -- mixed precision: autocast for bf16/fp16, a GradScaler only for fp16 ----------------
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
@@ -178,10 +181,14 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
     elif main and metrics_path.exists():
         metrics_path.unlink()
 
+    board = open_board(run_dir, cfg.log) if main else None
+
     def log_record(record: dict) -> None:
         if main:
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            if board is not None:
+                board.write(record)
 
     extra = {"loop": dataclasses.asdict(cfg), "lr": lr, "world_size": world, **(extra_state or {})}
 
@@ -201,7 +208,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
     except ImportError:  # tqdm is a dependency; keep the loop usable without it
         bar = None
     epochs: dict[int, list[list[int]]] = {}
-    window, step_times, last_ckpt = [], [], None
+    window, norms, window_tokens, window_time, step_times, last_ckpt = [], [], 0.0, 0.0, [], None
     net.train()
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
@@ -251,7 +258,10 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        norms.append(float(norm))
         lr_now = lr * lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr_now
@@ -269,14 +279,17 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
         dt = time.perf_counter() - t0
         step_times.append(dt)
         window.append(step_loss)
+        window_tokens += float(tokens)
+        window_time += dt
         done = step + 1
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{float(tokens) / dt:.0f}")
         if done % cfg.log_every == 0 or done == cfg.steps:
             log_record({"kind": "train", "step": done, "loss": sum(window) / len(window), "lr": lr_now,
-                        "tokens_per_s": float(tokens) / dt, "s_per_step": dt})
-            window = []
+                        "grad_norm": sum(norms) / len(norms), "tokens_per_s": window_tokens / window_time,
+                        "s_per_step": window_time / len(window)})
+            window, norms, window_tokens, window_time = [], [], 0.0, 0.0
         if evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
             if main:
                 net.eval()
@@ -288,6 +301,8 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
             last_ckpt = checkpoint(done)
     if bar is not None:
         bar.close()
+    if board is not None:
+        board.close()
     net.eval()
     if main:
         plot_loss(metrics_path, run_dir / "loss.png", title=run_dir.name)
