@@ -57,7 +57,7 @@ def quantize_model(model: nn.Module, skip: Sequence[str] = ("lm_head",), blocksi
     tied = {n for names in _tie_groups(model).values() for n in names}
     done: dict[int, NF4Linear] = {}  # id(linear) -> its replacement (shared modules stay shared)
     # names only: a list of modules would keep every dense weight alive until the end
-    names = [n for n, m in model.named_modules() if _quantizable(model, n, m, cfg, tied)]
+    names = [n for n, m in model.named_modules() if _quantizable(n, m, cfg, tied)]
     for name in names:
         parent, attr = _parent(model, name)
         module = getattr(parent, attr)

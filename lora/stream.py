@@ -48,7 +48,7 @@ class NF4Config:
 
     def __post_init__(self) -> None:
         from .nf4 import BLOCKSIZES, QUANT_TYPES, ROUNDINGS
-        object.__setattr__(self, "skip", tuple(self.skip))
+        object.__setattr__(self, "skip", (self.skip,) if isinstance(self.skip, str) else tuple(self.skip))
         if self.blocksize not in BLOCKSIZES:
             raise ValueError(f"blocksize={self.blocksize}: expected one of {BLOCKSIZES}")
         if self.quant_type not in QUANT_TYPES:
@@ -214,7 +214,7 @@ def load_streamed(model: nn.Module, checkpoint: str | os.PathLike | Sequence[str
     missing: list[str] = []
     for name, module in list(model.named_modules()):
         pre = name + "." if name else ""
-        if quantize is not None and _quantizable(model, name, module, quantize, tied_names):
+        if quantize is not None and _quantizable(name, module, quantize, tied_names):
             w_key = _file_key(pre + "weight", files, prefix)
             if w_key is None:
                 missing.append(pre + "weight")
@@ -256,12 +256,11 @@ def load_streamed(model: nn.Module, checkpoint: str | os.PathLike | Sequence[str
     return model
 
 
-def _quantizable(model: nn.Module, name: str, module: nn.Module, cfg: NF4Config,
-                 tied: set[str]) -> bool:
+def _quantizable(name: str, module: nn.Module, cfg: NF4Config, tied: set[str]) -> bool:
+    """An ``nn.Linear`` / ``Conv1D`` outside ``cfg.skip``, not LoRA's own, not tied."""
     if type(module) not in (nn.Linear, Conv1D) or _matches(name, cfg.skip):
         return False
-    parent_name, _, attr = name.rpartition(".")
-    if attr in ("lora_A", "lora_B"):  # LoRA's own trainable matrices
+    if name.rpartition(".")[2] in ("lora_A", "lora_B"):  # LoRA's own trainable matrices
         return False
     return (name + ".weight" if name else "weight") not in tied
 
