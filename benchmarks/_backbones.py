@@ -29,7 +29,7 @@ BACKBONES = {
 }
 PROMPT_METHODS = ("prompt", "ptuning-mlp", "ptuning-lstm")
 LORA_METHODS = ("lora", "dora", "qlora")
-METHODS = PROMPT_METHODS + LORA_METHODS
+METHODS = PROMPT_METHODS + LORA_METHODS + ("ia3",)  # ia3: the registry's default targets
 
 
 def _fallback_config(name: str) -> transformers.PretrainedConfig:
@@ -123,6 +123,9 @@ def ours(bb: Backbone, method: str, n_virtual: int = 20, r: int = 8,
                PromptConfig(method="ptuning", n_virtual=n_virtual, encoder=enc))
         return PromptModel(model, cfg, task=bb.task).to(device)
     from lora import LoRAConfig, add_lora
+    if method == "ia3":
+        from lora import IA3Config, add_ia3
+        return add_ia3(model, IA3Config()).to(device)
     if method == "qlora":
         from lora import quantize_model
         quantize_model(model, skip=bb.skip, blocksize=64, double_quant=True,
@@ -169,6 +172,8 @@ def reference(bb: Backbone, method: str, n_virtual: int = 20, r: int = 8,
         cfg = peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=n_virtual,
                                        encoder_reparameterization_type=enc,
                                        encoder_hidden_size=model.config.hidden_size)
+    elif method == "ia3":  # no task_type, as for LoRA below
+        cfg = peft.IA3Config()
     else:
         if method == "qlora":
             bnb_quantize(model, bb.skip, device)

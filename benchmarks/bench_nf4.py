@@ -137,10 +137,12 @@ def main() -> None:
     table = markdown_table(["case", "ours ms", "bitsandbytes ms", "ours/bnb"], rows)
     notes = ("bitsandbytes CPU: C++ kernels for dequantization, pure-torch quantize; its Linear4bit "
              "in train mode (dequantize + F.linear, like ours). Ours: a 256-entry byte -> code-pair "
-             "lookup (one 8-byte gather per byte) in L2-sized chunks, times the block absmax. "
-             "A fresh 4096x4096 fp32 output costs ~16k page faults in either library; the `out=` "
-             "row shows our dequantization without them (bitsandbytes' CPU backend has no `out=` "
-             "kernel). The linear rows are dominated by the two 4096-token matmuls.")
+             "lookup (one 8-byte gather per byte) in L2-sized chunks, times the block absmax in "
+             "fp32 (a 16-bit output gets one rounding copy); a fresh output of >= 4 MiB is "
+             "advised to use transparent huge pages before its first write (lora/nf4_alloc.py), "
+             "which removes most of the page-fault cost of a new 64 MiB tensor. The `out=` row "
+             "shows our dequantization into a reused buffer (bitsandbytes' CPU backend has no "
+             "`out=` kernel). The linear rows are dominated by the two 4096-token matmuls.")
     emit(NAME, "NF4 kernels on CPU: ours vs bitsandbytes", threads, table, notes,
          write=should_write(args))
 

@@ -85,7 +85,8 @@ def report(name: str, rows: list, source: str, repeats: int, threads: int, args)
     notes = (f"Backbone {source}. Median of {repeats} alternating steps after "
              f"{args.warmup} warm-up. {N_VIRTUAL} virtual tokens; LoRA r={RANK}, alpha={2 * RANK} "
              "on query/value (q_proj/v_proj); QLoRA = NF4 + double quantization on every other "
-             "linear (peft side: bitsandbytes Linear4bit). Peak memory = torch allocations during "
+             "linear (peft side: bitsandbytes Linear4bit); IA3 on the model type's default targets. "
+             "Peak memory = torch allocations during "
              "one step above the level before it. Lower ratios are better.")
     on_gpu = args.device != "cpu"
     title = f"Training step per method: {name}" + (" (GPU)" if on_gpu else "")

@@ -1,46 +1,61 @@
-"""Module surgery: add_lora / remove_lora / merge_lora / unmerge_lora, and what trains.
+"""Module surgery shared by every weight-side method: inject / remove / merge / unmerge, and what trains.
 
+``inject_adapters`` is the one swap of targeted modules for ``AdapterLayer`` wrappers (LoRA on linear and
+embedding layers here, IA3 in ``lora.ia3``, ...); ``add_lora`` builds LoRA's wrappers and calls it.
 One function, ``adapter_tensors``, walks the model by module type and names every tensor that
 belongs to the adapter; it decides both what trains (``lora_parameters``) and what is saved
-(``lora.io.lora_state_dict``).
+(``lora.io.lora_state_dict``). ``remove_lora`` / ``merge_lora`` / ``unmerge_lora`` work on any
+wrapper, whatever method built it.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from torch import nn
 
+from .base import AdapterLayer
 from .config import LoRAConfig
+from .embedding import LoRAEmbedding
 from .heads import TrainedCopy
 from .hf_save import refresh_save_guard
 from .layer import LoRALinear
 from .targets import resolve_heads, resolve_targets
 
-_STATE = "_lora_state"  # attribute set on the model by add_lora
+_STATE = "_lora_state"  # attribute set on the model by inject_adapters
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class LoRAState:
-    """What ``add_lora`` leaves on the model (as ``model._lora_state``)."""
+class AdapterState:
+    """What ``inject_adapters`` leaves on the model (as ``model._lora_state``)."""
 
-    config: LoRAConfig
-    # requires_grad of every base parameter before add_lora, restored by remove_lora
+    # the method's frozen config (LoRAConfig, IA3Config, ...)
+    config: Any
+    # requires_grad of every base parameter before injection, restored by remove_lora
     requires_grad: dict[str, bool]
 
 
-def lora_state(model: nn.Module) -> LoRAState:
-    """The LoRA state of a model; ``ValueError`` when it has no adapter."""
+LoRAState = AdapterState  # the earlier name
+
+
+def lora_state(model: nn.Module) -> AdapterState:
+    """The adapter state of a model; ``ValueError`` when it has no adapter."""
     state = getattr(model, _STATE, None)
-    if not isinstance(state, LoRAState):
+    if not isinstance(state, AdapterState):
         raise ValueError(f"{type(model).__name__} has no LoRA adapter (call add_lora first)")
     return state
 
 
 def _has_lora(model: nn.Module) -> bool:
-    return hasattr(model, _STATE) or any(isinstance(m, (LoRALinear, TrainedCopy)) for m in model.modules())
+    return hasattr(model, _STATE) or any(isinstance(m, (AdapterLayer, TrainedCopy)) for m in model.modules())
+
+
+def check_no_adapter(model: nn.Module) -> None:
+    """Raise ``ValueError`` when ``model`` already carries an adapter of any ``lora`` method."""
+    if _has_lora(model):
+        raise ValueError("the model already has LoRA adapters; call remove_lora(model) before adding again")
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -49,9 +64,9 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """named_modules that yields LoRALinear/TrainedCopy but does not descend into them."""
+    """named_modules that yields wrappers (AdapterLayer, TrainedCopy) but does not descend into them."""
     yield prefix, module
-    if isinstance(module, (LoRALinear, TrainedCopy)):
+    if isinstance(module, (AdapterLayer, TrainedCopy)):
         return
     for name, child in module.named_children():
         yield from _walk(child, f"{prefix}.{name}" if prefix else name)
@@ -60,20 +75,20 @@ def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]
 def adapter_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
     """Every adapter parameter by its saved name (peft's key minus ``base_model.model.``).
 
-    - LoRALinear at ``p``: ``p.lora_A.weight`` [r, in], ``p.lora_B.weight`` [out, r],
-      ``p.lora_magnitude_vector`` [out] (DoRA), ``p.base_layer.bias`` (bias "lora_only"/"all");
+    - an AdapterLayer at ``p``: ``p.<k>`` for each entry of its ``adapter_params()``, e.g.
+      LoRALinear's ``p.lora_A.weight`` [r, in], ``p.lora_B.weight`` [out, r],
+      ``p.lora_magnitude_vector`` [out] (DoRA), LoRAEmbedding's ``p.lora_embedding_A`` [r, V],
+      ``p.lora_embedding_B`` [d, r], IA3's ``p.ia3_l``; plus ``p.base_layer.bias`` (bias
+      "lora_only"/"all");
     - TrainedCopy at ``p``: ``p.<name>`` for each parameter of the trained copy;
     - bias "all": also ``<module>.bias`` of every other module.
     """
-    bias = lora_state(model).config.bias
+    bias = getattr(lora_state(model).config, "bias", "none")
     out: dict[str, nn.Parameter] = {}
     for name, module in _walk(model):
         pre = f"{name}." if name else ""
-        if isinstance(module, LoRALinear):
-            out[pre + "lora_A.weight"] = module.lora_A.weight
-            out[pre + "lora_B.weight"] = module.lora_B.weight
-            if module.lora_magnitude_vector is not None:
-                out[pre + "lora_magnitude_vector"] = module.lora_magnitude_vector
+        if isinstance(module, AdapterLayer):
+            out.update({pre + k: p for k, p in module.adapter_params().items()})
             base_bias = module.base_layer._parameters.get("bias")
             if bias != "none" and base_bias is not None:
                 out[pre + "base_layer.bias"] = base_bias
@@ -90,11 +105,55 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(unique.values())
 
 
-def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
-    """Freeze ``model`` and swap the targeted linear-like modules for ``LoRALinear`` (in place).
+def inject_adapters(model: nn.Module, config: Any, targets: Sequence[str],
+                    build: Callable[[str, nn.Module], AdapterLayer], heads: Sequence[str] = ()) -> nn.Module:
+    """The one surgery: freeze ``model``, swap each target for ``build(name, module)``, give each
+    head a ``TrainedCopy``, and record ``config`` (in place).
 
-    Everything is resolved and built before the model is touched, so on any error the model is
-    unchanged.
+    Every wrapper is built before the model is touched, so when ``build`` raises the model is
+    unchanged. Wrappers are built in the given order (``named_modules`` order: the same random
+    draws as peft) and take the train/eval mode of the module they replace.
+
+    Args:
+        model: a base model without an adapter.
+        config: the method's frozen config (kept as ``lora_state(model).config``).
+        targets: full module names to wrap (``lora.targets.resolve_targets``).
+        build: makes the wrapper of one target from its name and module.
+        heads: full names of ``modules_to_save`` modules (``lora.targets.resolve_heads``).
+
+    Returns:
+        The same ``model`` object.
+    """
+    check_no_adapter(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    wrappers = {}
+    for name in targets:
+        base = model.get_submodule(name)
+        wrappers[name] = build(name, base).train(base.training)
+    copies = {name: TrainedCopy(model.get_submodule(name)) for name in heads}
+    if type(model).__name__.endswith("ForSequenceClassification") and not heads:
+        logger.warning("%s: the classification head stays frozen (and random if new); pass "
+                       "modules_to_save=('classifier',) or ('score',) to train it", type(model).__name__)
+    # ---- mutation starts here
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in {**wrappers, **copies}.items():
+        _set_submodule(model, name, module)
+    setattr(model, _STATE, AdapterState(config=config, requires_grad=flags))
+    for p in lora_parameters(model):
+        p.requires_grad_(True)
+    refresh_save_guard(model)  # transformers' save_pretrained would lose the base weights
+    return model
+
+
+def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
+    """Freeze ``model`` and swap the targeted modules for ``LoRALinear`` (linear-like layers) or
+    ``LoRAEmbedding`` (``nn.Embedding``), in place.
+
+    Each module's rank and alpha come from ``config.rank_for(name)`` / ``alpha_for(name)``
+    (``rank_pattern`` / ``alpha_pattern``); ``layers_to_transform`` limits the targets to those
+    layer indices. Everything is resolved and built before the model is touched, so on any error
+    the model is unchanged.
 
     Args:
         model: a base model without LoRA.
@@ -105,38 +164,46 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
 
     Raises:
         ValueError: the model already has LoRA, no target matched (the message lists the
-            linear-like names), a matched module is not linear-like, or a head was not found.
+            wrappable names), a matched module is of another type, DoRA on an embedding, or a
+            head was not found.
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"add_lora expects a LoRAConfig, got {type(config).__name__}")
-    if _has_lora(model):
-        raise ValueError("the model already has LoRA adapters; call remove_lora(model) before adding again")
+    check_no_adapter(model)
     heads = resolve_heads(model, config.modules_to_save)
-    targets = resolve_targets(model, config.target_modules, exclude=heads)
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    wrappers = {}
-    for name in targets:  # named_modules order: the same random draws as peft
-        base = model.get_submodule(name)
-        wrapper = LoRALinear(base, config.r, config.alpha, config.dropout, config.use_rslora, config.use_dora)
-        wrappers[name] = wrapper.train(base.training)
-    copies = {name: TrainedCopy(model.get_submodule(name)) for name in heads}
-    if type(model).__name__.endswith("ForSequenceClassification") and not heads:
-        logger.warning("%s: the classification head stays frozen (and random if new); pass "
-                       "modules_to_save=('classifier',) or ('score',) to train it", type(model).__name__)
-    # ---- mutation starts here
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, module in {**wrappers, **copies}.items():
-        _set_submodule(model, name, module)
-    setattr(model, _STATE, LoRAState(config=config, requires_grad=flags))
-    for p in lora_parameters(model):
-        p.requires_grad_(True)
-    refresh_save_guard(model)  # transformers' save_pretrained would lose the base weights
-    return model
+    targets = resolve_targets(model, config.target_modules, exclude=heads, layers=config.layers_to_transform,
+                              layers_pattern=config.layers_pattern)
+
+    def build(name: str, base: nn.Module) -> AdapterLayer:
+        r, alpha = config.rank_for(name), config.alpha_for(name)
+        if isinstance(base, nn.Embedding):
+            if config.use_dora:
+                raise ValueError(f"use_dora=True is not supported on the embedding {name!r}; "
+                                 f"drop it from target_modules or turn DoRA off")
+            return LoRAEmbedding(base, r, alpha, config.use_rslora)
+        return LoRALinear(base, r, alpha, config.dropout, config.use_rslora, config.use_dora)
+
+    return inject_adapters(model, config, targets, build, heads)
 
 
 def _wrappers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in _walk(model) if isinstance(m, (LoRALinear, TrainedCopy))]
+    return [(n, m) for n, m in _walk(model) if isinstance(m, (AdapterLayer, TrainedCopy))]
+
+
+def _check_merge(model: nn.Module, layers: list[tuple[str, AdapterLayer]]) -> None:
+    """Every reason a merge would fail or change more than the adapted layer, before touching any."""
+    owners: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        w = m._parameters.get("weight")
+        if w is not None:
+            owners.setdefault(id(w), []).append(n)
+    for name, m in layers:
+        m._check_mergeable()
+        if isinstance(m, LoRAEmbedding):
+            others = [o for o in owners.get(id(m.base_layer.weight), []) if o != f"{name}.base_layer"]
+            if others:
+                raise RuntimeError(f"cannot merge LoRA into the embedding {name!r}: its weight is shared with "
+                                   f"{others} (tied output head), which merging would change too")
 
 
 def remove_lora(model: nn.Module, merge: bool = False) -> nn.Module:
@@ -153,12 +220,14 @@ def remove_lora(model: nn.Module, merge: bool = False) -> nn.Module:
     """
     state = lora_state(model)
     found = _wrappers(model)
+    layers = [m for _, m in found if isinstance(m, AdapterLayer)]
     if merge:
-        for _, m in found:
-            if isinstance(m, LoRALinear):
-                m._check_mergeable()
+        _check_merge(model, [(n, m) for n, m in found if isinstance(m, AdapterLayer)])
+    else:
+        for m in layers:
+            m._check_unmergeable()
     for name, m in found:
-        if isinstance(m, LoRALinear):
+        if isinstance(m, AdapterLayer):
             if merge:
                 m.merge()
             else:
@@ -174,21 +243,24 @@ def remove_lora(model: nn.Module, merge: bool = False) -> nn.Module:
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight (fp32 delta); forward then runs the base only.
-    Idempotent. Raises ``RuntimeError`` for quantized bases before touching any layer."""
+    """Fold every adapter into its base weight (fp32 math); forward then runs the base only.
+    Idempotent. Raises ``RuntimeError`` for quantized bases, and for an embedding whose weight is
+    tied to the output head, before touching any layer."""
     lora_state(model)
-    layers = [m for _, m in _wrappers(model) if isinstance(m, LoRALinear)]
-    for m in layers:
-        m._check_mergeable()
-    for m in layers:
+    layers = [(n, m) for n, m in _wrappers(model) if isinstance(m, AdapterLayer)]
+    _check_merge(model, layers)
+    for _, m in layers:
         m.merge()
     return model
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Take every merged adapter back out of its base weight. Idempotent."""
+    """Take every merged adapter back out of its base weight. Idempotent. Raises before touching
+    any layer when one cannot be unmerged (an IA3 vector with a zero entry)."""
     lora_state(model)
-    for _, m in _wrappers(model):
-        if isinstance(m, LoRALinear):
-            m.unmerge()
+    layers = [m for _, m in _wrappers(model) if isinstance(m, AdapterLayer)]
+    for m in layers:
+        m._check_unmergeable()
+    for m in layers:
+        m.unmerge()
     return model

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .base import AdapterLayer
+
 
 # base types whose forward returns a newly allocated tensor that nothing saves for backward
 # (not NF4Linear: its output is a view made inside an autograd.Function, which autograd
@@ -57,7 +59,7 @@ def _adapter_place(base: nn.Module) -> tuple[Optional[torch.device], Optional[to
     return device, dtype
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(AdapterLayer):
     """A frozen linear-like ``base_layer`` plus ``lora_A``/``lora_B`` (and DoRA's magnitude).
 
     Args:
@@ -125,6 +127,13 @@ class LoRALinear(nn.Module):
     @property
     def bias(self) -> Optional[torch.Tensor]:
         return getattr(self.base_layer, "bias", None)
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """``lora_A.weight`` [r, in], ``lora_B.weight`` [out, r], DoRA's ``lora_magnitude_vector`` [out]."""
+        out = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+        if self.lora_magnitude_vector is not None:
+            out["lora_magnitude_vector"] = self.lora_magnitude_vector
+        return out
 
     def base_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The base weight as [out, in] in ``dtype`` (dequantized for a quantized base)."""

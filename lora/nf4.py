@@ -5,126 +5,33 @@ last one may be partial). Per block: fp32 absmax, scale by its reciprocal, pick 
 16 codebook values by comparing with the fp32 midpoints (a tie goes to the lower code), and pack
 two 4-bit codes per byte, the first element in the high nibble.
 
-Double quantization stores the fp32 absmax vector itself in 8 bits: subtract its mean, quantize
-blocks of 256 with the signed 8-bit "dynamic" codebook, keep one fp32 absmax per 256 blocks.
-bitsandbytes rounds that 8-bit step differently on CPU (a 65,536-bin lookup table) and on CUDA
-(exact nearest); ``rounding=`` picks either, ``"auto"`` follows the tensor's device.
+The codebooks and lookup tables live in ``lora.nf4_codes``; double quantization (the absmax
+vector stored in 8 bits) in ``lora.nf4_double``. Both are re-exported here.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Optional
 
 import torch
 
-# bitsandbytes' NF4 codebook (fp32, sorted): quantiles of N(0, 1) scaled to [-1, 1], exact zero.
-NF4_VALUES = (
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-)
-# bitsandbytes' FP4 (E2M1, bias 2) magnitudes x12 for codes 0..7; codes 8..15 add the sign bit.
-_FP4_TIMES_12 = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
-QUANT_TYPES = ("nf4", "fp4")
+from .nf4_alloc import empty_output
+from .nf4_codes import (NF4_VALUES, QUANT_TYPES, check_quant_type, codebook, dynamic_map_8bit,
+                        midpoints, table, warm_tables)
+from .nf4_double import (NESTED_BLOCKSIZE, ROUNDINGS, check_rounding, dequantize_blockwise_8bit,
+                         quantize_blockwise_8bit)
+
+__all__ = ["NF4State", "quantize_nf4", "dequantize_nf4", "bits_per_parameter", "BLOCKSIZES",
+           "NF4_VALUES", "QUANT_TYPES", "NESTED_BLOCKSIZE", "ROUNDINGS", "codebook",
+           "dynamic_map_8bit", "warm_tables", "quantize_blockwise_8bit",
+           "dequantize_blockwise_8bit"]
+
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-NESTED_BLOCKSIZE = 256  # blocks of first-level absmax values per nested fp32 absmax
-ROUNDINGS = ("auto", "cpu", "cuda")
-_LUT_BINS = 65536  # bitsandbytes-CPU's 8-bit quantizer table size
-_CHUNK_BYTES = 1 << 16  # packed bytes per dequantization chunk (output chunk stays in L2)
-
-
-@functools.lru_cache(maxsize=None)
-def _code_cpu(quant_type: str) -> torch.Tensor:
-    if quant_type == "nf4":
-        return torch.tensor(NF4_VALUES, dtype=torch.float32)
-    if quant_type == "fp4":
-        mags = torch.tensor(_FP4_TIMES_12, dtype=torch.float32)
-        # +0.0 at code 8, like bitsandbytes' Python table (x * -1 would give -0.0)
-        return torch.cat([mags, -mags[1:].new_zeros(1), -mags[1:]]) / 12.0
-    raise ValueError(f"quant_type={quant_type!r}: expected one of {QUANT_TYPES}")
-
-
-def codebook(quant_type: str = "nf4", device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 16 fp32 values that the 4-bit codes 0..15 stand for.
-
-    Args:
-        quant_type: "nf4" or "fp4".
-        device: where the returned tensor lives.
-    Returns:
-        fp32 tensor [16].
-    """
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"quant_type={quant_type!r}: expected one of {QUANT_TYPES}")
-    return _table(quant_type, torch.device(device)).clone()  # callers may modify their copy
-
-
-@functools.lru_cache(maxsize=None)
-def dynamic_map_8bit() -> torch.Tensor:
-    """bitsandbytes' signed 8-bit dynamic-exponent codebook (256 sorted fp32 values in [-1, 1]).
-
-    For exponent e = 0..6 the magnitudes are 10**(e-6) times the midpoints of a (2**e + 1)-point
-    fp32 grid on [0.1, 1] (product rounded to fp32), with both signs; plus 0 and 1.
-    """
-    parts = [torch.tensor([0.0, 1.0], dtype=torch.float32)]
-    for e in range(7):
-        grid = torch.linspace(0.1, 1.0, 2 ** e + 1, dtype=torch.float32)
-        mids = (grid[:-1] + grid[1:]) / 2.0 * (10.0 ** (e - 6))  # fp32 tensor * scalar: fp32
-        parts += [mids, -mids]
-    return torch.sort(torch.cat(parts)).values  # tensor ops only: traceable by torch.compile
-
-
-# Constant lookup tables per (name, device), built eagerly once: a compiled forward then reads
-# them as graph constants instead of rebuilding them (or copying them to the device) per call.
-_TABLE_BUILDERS = {
-    "nf4": lambda: _code_cpu("nf4"),
-    "fp4": lambda: _code_cpu("fp4"),
-    "dynamic8": lambda: dynamic_map_8bit(),
-    "pairs_nf4": lambda: _pair_lut_cpu("nf4"),
-    "pairs_fp4": lambda: _pair_lut_cpu("fp4"),
-}
-_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
-
-
-def _table(name: str, device: torch.device) -> torch.Tensor:
-    """The constant table ``name`` on ``device`` (kept after the first eager build)."""
-    key = (name, torch.device(device))
-    table = _TABLES.get(key)
-    if table is None:
-        table = _TABLE_BUILDERS[name]().to(key[1])
-        if not torch.compiler.is_compiling():  # a traced tensor must not outlive its graph
-            _TABLES[key] = table
-    return table
-
-
-def warm_tables(quant_type: str, device: torch.device | str) -> None:
-    """Build the tables that dequantizing a ``quant_type`` weight on ``device`` reads.
-
-    Called eagerly (e.g. when a layer is built or moved) so that a later ``torch.compile`` finds
-    them cached.
-    """
-    if torch.compiler.is_compiling():
-        return
-    for name in (quant_type, "dynamic8", "pairs_" + quant_type):
-        _table(name, torch.device(device))
-
-
-def _midpoints(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 midpoints between sorted code values and the sorted-position -> code map."""
-    order = torch.argsort(code, stable=True)
-    s = code[order]
-    return (s[:-1] + s[1:]) / 2, order
-
-
-@functools.lru_cache(maxsize=None)
-def _lut_8bit_cpu() -> torch.Tensor:
-    """bitsandbytes-CPU's table: bin i (centre -1 + 2i/65535) -> number of code midpoints below."""
-    mids, _ = _midpoints(dynamic_map_8bit())
-    i = torch.arange(_LUT_BINS, dtype=torch.float32)
-    centres = -1.0 + (2.0 * i) / float(_LUT_BINS - 1)
-    return torch.bucketize(centres, mids, right=False).to(torch.uint8)
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# packed bytes per dequantization chunk: on CPU the fp32 output chunk stays in L2; on CUDA a
+# few large chunks bound the index/pair temporaries (12 bytes per packed byte)
+_CHUNK_BYTES = {"cpu": 1 << 16, "other": 1 << 22}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +39,7 @@ class NF4State:
     """Everything besides the packed bytes that dequantization needs (bitsandbytes' QuantState).
 
     Tensors live on the device of the packed weight; ``to(device)`` moves them together.
+    Construction checks that the statistics fit the shape (one absmax per block).
     """
     absmax: torch.Tensor  # fp32 [nblocks]; uint8 [nblocks] 8-bit codes when double-quantized
     shape: torch.Size  # original weight shape, e.g. [out, in]
@@ -142,12 +50,30 @@ class NF4State:
     nested_absmax: Optional[torch.Tensor] = None  # fp32 [ceil(nblocks/256)] (double quant)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", torch.Size(self.shape))
         if self.blocksize not in BLOCKSIZES:
             raise ValueError(f"blocksize={self.blocksize}: expected one of {BLOCKSIZES}")
-        if self.quant_type not in QUANT_TYPES:
-            raise ValueError(f"quant_type={self.quant_type!r}: expected one of {QUANT_TYPES}")
+        check_quant_type(self.quant_type)
+        if self.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"dtype={self.dtype}: expected one of {_FLOAT_DTYPES}")
+        if self.numel == 0:
+            raise ValueError(f"shape={tuple(self.shape)} is empty; expected at least one weight")
         if (self.offset is None) != (self.nested_absmax is None):
             raise ValueError("offset and nested_absmax must be given together (double quant)")
+        want = torch.uint8 if self.double_quant else torch.float32
+        if self.absmax.dtype != want or self.absmax.numel() != self.nblocks:
+            raise ValueError(
+                f"absmax: {self.absmax.numel()} {self.absmax.dtype} values; shape "
+                f"{tuple(self.shape)} in blocks of {self.blocksize} needs {self.nblocks} {want}"
+                f"{' (8-bit codes: double quant)' if self.double_quant else ''}")
+        if self.double_quant:
+            nested = -(-self.nblocks // NESTED_BLOCKSIZE)
+            if self.nested_absmax.dtype != torch.float32 or self.nested_absmax.numel() != nested:
+                raise ValueError(f"nested_absmax: {self.nested_absmax.numel()} "
+                                 f"{self.nested_absmax.dtype} values; expected {nested} float32 "
+                                 f"(one per {NESTED_BLOCKSIZE} blocks)")
+            if self.offset.numel() != 1:
+                raise ValueError(f"offset: {self.offset.numel()} values; expected one")
 
     @property
     def double_quant(self) -> bool:
@@ -156,6 +82,10 @@ class NF4State:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def nblocks(self) -> int:
+        return -(-self.numel // self.blocksize)
 
     def to(self, device: torch.device | str) -> "NF4State":
         """The same state with every tensor on ``device``."""
@@ -175,52 +105,18 @@ class NF4State:
         return dequantize_blockwise_8bit(self.absmax, self.nested_absmax) + self.offset
 
 
-def _check_rounding(rounding: str, device: torch.device) -> str:
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding={rounding!r}: expected one of {ROUNDINGS}")
-    if rounding == "auto":
-        return "cuda" if device.type == "cuda" else "cpu"
-    return rounding
-
-
-def quantize_blockwise_8bit(x: torch.Tensor, rounding: str = "auto",
-                            blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
-    """8-bit blockwise quantization with the dynamic codebook (the double-quant step).
-
-    Args:
-        x: fp32 tensor [n] (the mean-centred absmax vector).
-        rounding: "cpu" (bitsandbytes-CPU lookup table), "cuda" (exact nearest) or "auto".
-        blocksize: elements per block (bitsandbytes uses 256).
-    Returns:
-        (codes uint8 [n], absmax fp32 [ceil(n / blocksize)]).
-    """
-    rounding = _check_rounding(rounding, x.device)
-    n = x.numel()
-    nblocks = -(-n // blocksize)
-    flat = torch.nn.functional.pad(x.reshape(-1).float(), (0, nblocks * blocksize - n))
-    blocks = flat.view(nblocks, blocksize)
-    absmax = blocks.abs().amax(dim=1)  # [nblocks]
-    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp_(-1.0, 1.0)
-    if rounding == "cuda":
-        mids, _ = _midpoints(dynamic_map_8bit().to(x.device))
-        codes = torch.bucketize(scaled, mids, right=False).to(torch.uint8)
-    else:
-        # bin = trunc((s + 1) * 0.5 * 65535 + 0.5) in fp32, then the table; empty blocks -> code 0
-        bins = ((scaled + 1.0) * 0.5 * float(_LUT_BINS - 1) + 0.5).to(torch.int64)
-        codes = _lut_8bit_cpu().to(x.device)[bins]
-        codes[absmax == 0] = 0
-    return codes.reshape(-1)[:n], absmax
-
-
-def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor,
-                              blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
-    """Inverse of ``quantize_blockwise_8bit``: fp32 [n] = dyn[codes] * absmax[i // blocksize]."""
-    n = codes.numel()
-    values = _table("dynamic8", codes.device)[codes.reshape(-1).long()]
-    nblocks = absmax.numel()
-    if nblocks * blocksize != n:
-        values = torch.nn.functional.pad(values, (0, nblocks * blocksize - n))
-    return (values.view(nblocks, blocksize) * absmax.unsqueeze(1)).view(-1)[:n]
+def check_packed(packed: torch.Tensor, state: NF4State) -> None:
+    """Raise ``ValueError`` unless ``packed`` holds the uint8 codes that ``state`` describes."""
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed codes have dtype {packed.dtype}; expected torch.uint8 "
+                         f"(two 4-bit codes per byte, as quantize_nf4 returns them)")
+    need = (state.numel + 1) // 2
+    if packed.numel() != need:
+        raise ValueError(f"packed holds {packed.numel()} bytes; shape {tuple(state.shape)} "
+                         f"({state.numel} weights) needs {need}")
+    if packed.device != state.absmax.device:
+        raise ValueError(f"packed is on {packed.device} but its absmax on "
+                         f"{state.absmax.device}; move them together (state.to(device))")
 
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = False,
@@ -229,7 +125,7 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     """Blockwise 4-bit quantization (bitsandbytes ``quantize_4bit``).
 
     Args:
-        weight: fp32/bf16/fp16 tensor of any shape (flattened row-major).
+        weight: non-empty, finite fp32/bf16/fp16 tensor of any shape (flattened row-major).
         blocksize: one of ``BLOCKSIZES``.
         double_quant: also quantize the absmax vector to 8 bits (``compress_statistics``).
         quant_type: "nf4" or "fp4".
@@ -238,26 +134,29 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
             "auto" picks by ``weight.device``.
     Returns:
         (packed uint8 [(numel + 1) // 2, 1], NF4State).
+    Raises:
+        ValueError: bad dtype/blocksize/quant_type/rounding, an empty weight, or NaN/inf in it.
     """
-    if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if weight.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"weight dtype {weight.dtype}: expected float32, bfloat16 or float16")
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize={blocksize}: expected one of {BLOCKSIZES}")
-    rounding = _check_rounding(rounding, weight.device)
+    if weight.numel() == 0:
+        raise ValueError(f"weight of shape {tuple(weight.shape)} is empty; nothing to quantize")
+    rounding = check_rounding(rounding, weight.device)
     code = codebook(quant_type, weight.device)
-    mids, order = _midpoints(code)
+    mids, order = midpoints(code)
     flat = weight.detach().reshape(-1)  # [n] in the input dtype
     n = flat.numel()
     nblocks = -(-n // blocksize)
-    full = (n // blocksize) * blocksize
     absmax = torch.empty(nblocks, dtype=torch.float32, device=weight.device)
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=weight.device)
     # chunks of whole blocks keep the fp32 temporaries small and in cache: [rows, blocksize]
-    step = max(1, (1 << 18) // blocksize) * blocksize if weight.device.type == "cpu" else max(n, 1)
+    step = max(1, (1 << 18) // blocksize) * blocksize if weight.device.type == "cpu" else n
     for start in range(0, n, step):
         stop = min(start + step, n)
         codes = _quantize_span(flat[start:stop], blocksize, mids, absmax[start // blocksize:],
-                               rounding)
+                               rounding, start)
         if quant_type != "nf4":
             codes = order.to(torch.uint8)[codes.long()]
         if codes.numel() % 2:  # odd numel: the missing element is quantized 0.0
@@ -274,13 +173,13 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
 
 
 def _quantize_span(x: torch.Tensor, blocksize: int, mids: torch.Tensor, absmax_out: torch.Tensor,
-                   rounding: str) -> torch.Tensor:
+                   rounding: str, first: int) -> torch.Tensor:
     """Codes (uint8 [len(x)]) of a span starting on a block boundary; writes its absmax values.
 
     "cpu" follows bitsandbytes' CPU path: absmax clamped to >= 1e-38 before the reciprocal (the
     partial last block stores the clamped value and divides). "cuda" follows the CUDA kernel:
     a plain reciprocal, so an all-zero block gives 0 * inf = NaN, which its decision tree sends
-    to code 0.
+    to code 0. ``first`` is the span's flat index in the weight (for error messages).
     """
     m = x.numel()
     nfull = m // blocksize
@@ -288,13 +187,15 @@ def _quantize_span(x: torch.Tensor, blocksize: int, mids: torch.Tensor, absmax_o
     parts = []
     if nfull:
         blocks = xf[: nfull * blocksize].view(nfull, blocksize)
-        amax = blocks.abs().amax(dim=1)  # [nfull]
+        amax = blocks.abs().amax(dim=1)  # [nfull]; NaN/inf propagate into it
+        _check_finite(amax, xf, first)
         absmax_out[:nfull] = amax
         recip = 1.0 / (amax.clamp(min=1e-38) if rounding == "cpu" else amax)
         parts.append(_codes(blocks * recip.unsqueeze(1), mids, rounding))
     if m > nfull * blocksize:
         tail = xf[nfull * blocksize:]
         amax = tail.abs().amax()
+        _check_finite(amax, xf, first)
         if rounding == "cpu":
             amax = amax.clamp(min=1e-38)
             scaled = tail / amax
@@ -305,22 +206,21 @@ def _quantize_span(x: torch.Tensor, blocksize: int, mids: torch.Tensor, absmax_o
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def _check_finite(amax: torch.Tensor, x: torch.Tensor, first: int) -> None:
+    """Raise ``ValueError`` naming the first NaN/inf of ``x`` if ``amax`` is not finite."""
+    if not bool(torch.isfinite(amax).all()):
+        i = int(torch.nonzero(~torch.isfinite(x))[0, 0])
+        raise ValueError(f"weight holds a non-finite value ({float(x[i])} at flat index "
+                         f"{first + i}); NF4 quantization needs finite weights")
+
+
 def _codes(scaled: torch.Tensor, mids: torch.Tensor, rounding: str) -> torch.Tensor:
-    """Nearest code by the fp32 midpoints (ties to the lower code). NaN: code 0 on "cuda" (its
-    decision tree), the last code on "cpu" (bucketize, like bitsandbytes' CPU path)."""
+    """Nearest code by the fp32 midpoints (ties to the lower code). NaN (an all-zero block on
+    "cuda": 0 * inf) goes to code 0, as the CUDA kernel's decision tree does."""
     scaled = scaled.clamp_(-1.0, 1.0).reshape(-1)
     if rounding == "cuda":
         scaled = torch.nan_to_num(scaled, nan=-1.0)
     return torch.bucketize(scaled, mids, right=False).to(torch.uint8)
-
-
-@functools.lru_cache(maxsize=None)
-def _pair_lut_cpu(quant_type: str) -> torch.Tensor:
-    """byte -> (code[high nibble], code[low nibble]) as one 8-byte element: float64 view [256]."""
-    code = _code_cpu(quant_type)
-    b = torch.arange(256)
-    pairs = torch.stack([code[b >> 4], code[b & 15]], dim=1).contiguous()  # [256, 2] fp32
-    return pairs.view(torch.float64).view(256)
 
 
 def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.dtype] = None,
@@ -328,20 +228,25 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.
     """Inverse of ``quantize_nf4``: code value (fp32) * absmax (fp32), one cast to ``dtype``.
 
     Args:
-        packed: uint8 [(numel + 1) // 2, 1] (any shape/1-byte view of those bytes).
-        state: the quantization state.
+        packed: uint8 [(numel + 1) // 2, 1] (any shape of exactly those bytes).
+        state: the quantization state (on ``packed``'s device).
         dtype: output dtype; defaults to ``out``'s dtype, else the original weight dtype.
         out: optional contiguous tensor of ``state.numel`` elements to write into (reusing a
             buffer saves the page faults of a fresh allocation).
     Returns:
         Tensor of ``state.shape`` in ``dtype`` (``out`` viewed that way when given).
+    Raises:
+        ValueError: ``packed`` is not uint8, its byte count does not fit ``state.shape``, it
+            lives on another device than the state, or ``out`` does not fit.
     """
+    check_packed(packed, state)
     dtype = (out.dtype if out is not None else state.dtype) if dtype is None else dtype
     absmax = state.absmax_fp32()  # [nblocks] fp32
     bs, n = state.blocksize, state.numel
-    data = packed.reshape(-1).view(torch.uint8)
+    data = packed.reshape(-1)
     if out is None:
-        out = torch.empty(state.shape, dtype=dtype, device=data.device)
+        out = (torch.empty(state.shape, dtype=dtype, device=data.device)
+               if torch.compiler.is_compiling() else empty_output(state.shape, dtype, data.device))
     elif out.numel() != n or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"out: expected a contiguous {dtype} tensor of {n} elements, got "
                          f"{out.dtype} {tuple(out.shape)}")
@@ -349,31 +254,32 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: Optional[torch.
     if torch.compiler.is_compiling():
         dst.copy_(_dequantize_traceable(data, absmax, state, dtype))
         return out.view(state.shape)
-    # fp32 output can take the gathered code pairs directly (needs 8-byte alignment)
-    direct = dtype == torch.float32 and dst.storage_offset() % 2 == 0
-    lut = _table("pairs_" + state.quant_type, data.device)
-    nbytes, total = data.numel(), absmax.numel() * bs // 2  # bytes, padded to whole blocks
-    # CPU: L2-sized chunks; CUDA: one pass (kernel launches, not caches, are the cost there)
-    chunk = total if data.device.type != "cpu" or total <= _CHUNK_BYTES else _CHUNK_BYTES
+    # One gather per byte: the pair table turns a byte into its two fp32 code values (8 bytes),
+    # then one multiply by the block absmax in fp32; a non-fp32 output gets one cast (copy_).
+    lut = table("pairs_" + state.quant_type, data.device)  # float64 view [256]
+    nbytes, total = data.numel(), state.nblocks * bs // 2  # bytes, padded to whole blocks
+    chunk = min(total, _CHUNK_BYTES["cpu" if data.device.type == "cpu" else "other"])
+    direct = dtype == torch.float32 and dst.storage_offset() % 2 == 0  # 8-byte aligned pairs
     idx = torch.empty(chunk, dtype=torch.int32, device=data.device)
-    buf = torch.empty(chunk, dtype=torch.float64, device=data.device)  # pairs of fp32 codes
+    buf = None if direct else torch.empty(chunk, dtype=torch.float64, device=data.device)
     for start in range(0, total, chunk):  # chunk is a multiple of bs // 2: whole blocks
         stop = min(start + chunk, total)
-        have = max(0, min(stop, nbytes) - start)
         scale = absmax[2 * start // bs:2 * stop // bs].unsqueeze(1)  # [blocks in chunk, 1]
-        if direct and 2 * stop <= n:  # gather straight into the output
+        if direct and 2 * stop <= n:  # gather straight into the output, scale in place
             pairs = dst[2 * start:2 * stop].view(torch.float64)
-            torch.index_select(lut, 0, idx[:have].copy_(data[start:stop]), out=pairs)
+            torch.index_select(lut, 0, idx[:stop - start].copy_(data[start:stop]), out=pairs)
             pairs.view(torch.float32).view(-1, bs).mul_(scale)
             continue
-        torch.index_select(lut, 0, idx[:have].copy_(data[start:start + have]), out=buf[:have])
+        if buf is None:
+            buf = torch.empty(chunk, dtype=torch.float64, device=data.device)  # fp32 pairs
+        have = min(stop, nbytes) - start  # real bytes; the rest pads the last block
+        torch.index_select(lut, 0, idx[:have].copy_(data[start:stop]), out=buf[:have])
         if have < stop - start:
-            buf[have:stop - start].zero_()  # padding of the last block
-        vals = buf[:stop - start].view(torch.float32).view(-1, bs)  # [blocks in chunk, bs]
-        if 2 * stop <= n:
-            torch.mul(vals, scale, out=dst[2 * start:2 * stop].view(-1, bs))
-        else:  # the chunk holding the partial last block
-            dst[2 * start:] = (vals * scale).view(-1)[:n - 2 * start]
+            buf[have:stop - start].zero_()
+        vals = buf[:stop - start].view(torch.float32)  # [2 * (stop - start)]
+        vals.view(-1, bs).mul_(scale)
+        m = min(2 * stop, n) - 2 * start
+        dst[2 * start:2 * start + m].copy_(vals if m == vals.numel() else vals[:m])  # one rounding
     return out.view(state.shape)
 
 
@@ -388,7 +294,7 @@ def _dequantize_traceable(data: torch.Tensor, absmax: torch.Tensor, state: NF4St
         flat [numel] tensor in ``dtype``.
     """
     bs, n = state.blocksize, state.numel
-    code = _table(state.quant_type, data.device)  # fp32 [16]
+    code = table(state.quant_type, data.device)  # fp32 [16]
     nibbles = torch.stack([data >> 4, data & 15], dim=1).reshape(-1)[:n].long()  # [numel]
     full = n // bs * bs
     # whole blocks as [blocks, bs] * [blocks, 1]; the partial last block on its own (a single

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nf4 import NF4State, codebook, dequantize_nf4, dynamic_map_8bit, quantize_nf4, warm_tables
+from .nf4_backends import check_backend, dequantize_with
+from .nf4 import (NF4State, check_packed, codebook, dequantize_nf4, dynamic_map_8bit, quantize_nf4,
+                  warm_tables)
 
 _QS_KEY = "weight.quant_state.bitsandbytes__"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,7 +36,7 @@ _SCRATCH: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
 
 def _weight_for_matmul(layer: "NF4Linear", dtype: torch.dtype) -> torch.Tensor:
-    if (layer.weight.device.type != "cpu" or torch.is_grad_enabled()
+    if (layer.backend != "torch" or layer.weight.device.type != "cpu" or torch.is_grad_enabled()
             or torch.compiler.is_compiling()):
         return layer.dequantize(dtype)
     key = (layer.out_features * layer.in_features, dtype)
@@ -67,20 +69,30 @@ class _NF4Matmul(torch.autograd.Function):
 class NF4Linear(nn.Module):
     """A linear layer with a frozen NF4 (or FP4) weight and a float bias.
 
+    The packed codes are the frozen uint8 parameter ``weight`` (so FSDP2 can shard them); the
+    statistics (``state``) stay a plain attribute replicated on every process.
+
     Args:
-        packed: uint8 [(out * in + 1) // 2, 1] codes from ``quantize_nf4``.
+        packed: uint8 [(out * in + 1) // 2, 1] codes from ``quantize_nf4`` (any shape of exactly
+            those bytes); this constructor is the way to build a layer from stored tensors.
         state: its ``NF4State`` (``state.shape`` must be [out, in]).
         bias: optional float [out]; kept frozen.
         compute_dtype: dtype of the matmul; None uses the input's dtype.
+        backend: how the weight is dequantized: "torch" (default, pure PyTorch), "bnb"
+            (bitsandbytes' kernels) or "compile" (torch.compile'd); see ``lora.nf4_backends``.
     """
 
     def __init__(self, packed: torch.Tensor, state: NF4State, bias: Optional[torch.Tensor] = None,
-                 compute_dtype: Optional[torch.dtype] = None) -> None:
+                 compute_dtype: Optional[torch.dtype] = None, backend: str = "torch") -> None:
         super().__init__()
+        self.backend = check_backend(backend)
+        self._backend_cache: dict = {}
         if len(state.shape) != 2:
             raise ValueError(f"state.shape={tuple(state.shape)}: expected a 2-D [out, in] weight")
+        check_packed(packed, state)
         self.out_features, self.in_features = int(state.shape[0]), int(state.shape[1])
-        self.register_buffer("weight", packed.view(torch.uint8).reshape(-1, 1))
+        # a frozen uint8 Parameter, not a buffer: FSDP2 shards parameters (as FSDP-QLoRA does)
+        self.weight = nn.Parameter(packed.reshape(-1, 1), requires_grad=False)
         self.state = state  # tensors move with the module (see _apply), never change dtype
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.compute_dtype = compute_dtype
@@ -89,14 +101,16 @@ class NF4Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
                     compute_dtype: Optional[torch.dtype] = None, quant_type: str = "nf4",
-                    rounding: str = "auto") -> "NF4Linear":
+                    rounding: str = "auto", backend: str = "torch") -> "NF4Linear":
         """Quantize an ``nn.Linear`` (weight [out, in]); see ``quantize_nf4`` for the arguments."""
         packed, state = quantize_nf4(linear.weight, blocksize, double_quant, quant_type, rounding)
-        return cls(packed, state, linear.bias, compute_dtype)
+        return cls(packed, state, linear.bias, compute_dtype, backend)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight as a dense [out, in] tensor in ``dtype``."""
-        return dequantize_nf4(self.weight, self.state, dtype)
+        """The weight as a dense [out, in] tensor in ``dtype`` (by ``self.backend``)."""
+        if self.backend == "torch":
+            return dequantize_nf4(self.weight, self.state, dtype)
+        return dequantize_with(self.backend, self.weight, self.state, dtype, self._backend_cache)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) -> (..., out) in x's dtype, computed in ``compute_dtype``."""
@@ -142,8 +156,10 @@ class NF4Linear(nn.Module):
             extra = {k[len(prefix):]: state_dict[k] for k in state_dict
                      if k.startswith(prefix + "weight.")}
             self.state = quant_state_from_tensors(extra, self.weight.device)
-            self.weight = state_dict[prefix + "weight"].view(torch.uint8).reshape(-1, 1).to(
-                self.weight.device)
+            packed = state_dict[prefix + "weight"].view(torch.uint8).reshape(-1, 1)
+            packed = packed.to(self.weight.device)
+            check_packed(packed, self.state)
+            self.weight = nn.Parameter(packed, requires_grad=False)
             self.out_features, self.in_features = (int(d) for d in self.state.shape)
         elif prefix + "weight" in state_dict:
             error_msgs.append(f"{prefix}weight: no {_QS_KEY}* entry; not an NF4 checkpoint")

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from typing import Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_write
 from .hf_save import refresh_save_guard
 from .nf4_linear import NF4Linear, quant_state_from_tensors
 from .stream import NF4Config, _materialize_leftovers, _parent, _quantizable, _tie_groups, nf4_layer
@@ -145,15 +145,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
         ptr = tensor.data_ptr()
         tensors[key] = tensor.clone() if ptr in seen else tensor  # safetensors refuses sharing
         seen.add(ptr)
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt", "quantization": "bitsandbytes-4bit"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(os.path.abspath(path),
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "quantization": "bitsandbytes-4bit"}))
 
 
 def load_quantized(model: nn.Module, path: str | os.PathLike,
@@ -174,7 +167,8 @@ def load_quantized(model: nn.Module, path: str | os.PathLike,
         parts = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".weight")}
         state = quant_state_from_tensors(parts, device)
         bias = sd.get(name + ".bias")
-        layer = NF4Linear(sd[name + ".weight"], state, bias, compute_dtype)
+        packed = sd[name + ".weight"].view(torch.uint8)  # bitsandbytes may store other dtypes
+        layer = NF4Linear(packed, state, bias, compute_dtype)
         parent, attr = _parent(model, name)
         setattr(parent, attr, layer)
     result = model.load_state_dict(sd, strict=False, assign=True)

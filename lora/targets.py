@@ -1,4 +1,5 @@
-"""Which modules get an adapter: linear-like types, per-model defaults, name matching."""
+"""Which modules get an adapter: wrappable types, per-model defaults (LoRA and IA3), name and
+layer-index matching. Every method in ``lora`` resolves its targets here."""
 from __future__ import annotations
 
 import re
@@ -13,6 +14,8 @@ from .nf4_linear import NF4Linear
 # Classes LoRALinear can wrap. A linear-like base has `in_features`/`out_features` (Conv1D is
 # handled by its [in, out] weight) and a forward; quantized ones also `dequantize(dtype)`.
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D, NF4Linear)
+# what LoRA wraps: linear-like layers and token embeddings (LoRAEmbedding)
+LORA_TYPES: tuple[type, ...] = (*LINEAR_TYPES, nn.Embedding)
 
 # model_type -> default target names (peft 0.21.2's defaults for these model types).
 _QV = ("q_proj", "v_proj")
@@ -30,6 +33,27 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "mpt": ("Wqkv",),
 }
 
+# IA3: model_type -> default targets, and which of them are feed-forward (their vector scales
+# the layer input rather than its output); peft 0.21.2's tables for these model types
+IA3_DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "gpt2": ("c_attn", "mlp.c_proj"), "gpt_bigcode": ("c_attn", "mlp.c_proj"),
+    "bloom": ("query_key_value", "mlp.dense_4h_to_h"),
+    **{t: ("key", "value", "output.dense") for t in ("bert", "roberta")},
+    "opt": ("q_proj", "k_proj", "fc2"), "gptj": ("q_proj", "v_proj", "fc_out"),
+    **{t: ("query_key_value", "dense_4h_to_h") for t in ("gpt_neox", "falcon")},
+    "gpt_neo": ("q_proj", "v_proj", "c_proj"), "bart": ("q_proj", "v_proj", "fc2"),
+    **{t: ("k_proj", "v_proj", "down_proj") for t in ("llama", "mistral")},
+    "mixtral": ("k_proj", "v_proj", "w2"), "deberta-v2": ("key_proj", "value_proj", "output.dense"),
+    "phi": ("q_proj", "v_proj", "fc2"),
+    **{t: ("q_proj", "v_proj", "down_proj") for t in ("gemma", "gemma2", "gemma3_text", "qwen2", "qwen3")},
+    "t5": ("k", "v", "wo"), "mt5": ("k", "v", "wi_1"),
+}
+IA3_FEEDFORWARD: dict[str, tuple[str, ...]] = {
+    t: tuple(n for n in names if n in ("mlp.c_proj", "mlp.dense_4h_to_h", "output.dense", "fc2", "fc_out",
+                                       "dense_4h_to_h", "c_proj", "down_proj", "w2", "wo"))
+    for t, names in IA3_DEFAULT_TARGETS.items()
+}
+
 # top-level attribute names of sequence-classification heads (excluded by "all-linear")
 _HEAD_NAMES = ("score", "classifier")
 
@@ -39,16 +63,51 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, LINEAR_TYPES)
 
 
-def default_targets(model_type: Optional[str]) -> tuple[str, ...]:
+def default_targets(model_type: Optional[str], registry: Optional[dict[str, tuple[str, ...]]] = None,
+                    what: str = "LoRA") -> tuple[str, ...]:
     """The registry's default target names for a ``config.model_type``.
+
+    Args:
+        model_type: ``model.config.model_type``.
+        registry: ``DEFAULT_TARGETS`` (LoRA, the default) or ``IA3_DEFAULT_TARGETS``.
+        what: the method name used in the error message.
 
     Raises:
         ValueError: for a model type the registry does not know.
     """
-    if model_type not in DEFAULT_TARGETS:
-        raise ValueError(f"no default LoRA targets for model_type={model_type!r}; pass "
-                         f"LoRAConfig(target_modules=...) (known types: {sorted(DEFAULT_TARGETS)})")
-    return DEFAULT_TARGETS[model_type]
+    registry = DEFAULT_TARGETS if registry is None else registry
+    if model_type not in registry:
+        raise ValueError(f"no default {what} targets for model_type={model_type!r}; pass "
+                         f"target_modules=... (known types: {sorted(registry)})")
+    return registry[model_type]
+
+
+def layer_index(name: str, layers_pattern: Union[None, str, Sequence[str]] = None) -> Optional[int]:
+    """The layer index in a module name, read as peft reads it (the first match counts).
+
+    ``layers_pattern=None``: the first numbered segment, e.g. 1 in ``model.layers.1.mlp.fc``;
+    else the number right after one of the given names, e.g. ``"h"`` -> ``transformer.h.1.attn``.
+    """
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        m = None
+        for pattern in ((layers_pattern,) if isinstance(layers_pattern, str) else layers_pattern):
+            m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if m is not None:
+                break
+    return int(m.group("idx")) if m else None
+
+
+def in_layers(name: str, layers: Union[None, int, Sequence[int]],
+              layers_pattern: Union[None, str, Sequence[str]] = None) -> bool:
+    """Whether module ``name`` lies in ``layers`` (``None``: every module does)."""
+    if layers is None:
+        return True
+    idx = layer_index(name, layers_pattern)
+    if idx is None:
+        return False
+    return idx == layers if isinstance(layers, int) else idx in layers
 
 
 def name_matches(name: str, spec: Union[str, Sequence[str]]) -> bool:
@@ -82,24 +141,36 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 
 def resolve_targets(model: nn.Module, spec: Union[None, str, tuple[str, ...]],
-                    exclude: Sequence[str] = ()) -> list[str]:
+                    exclude: Sequence[str] = (), embeddings: bool = True,
+                    registry: Optional[dict[str, tuple[str, ...]]] = None, what: str = "LoRA",
+                    layers: Union[None, int, Sequence[int]] = None,
+                    layers_pattern: Union[None, str, Sequence[str]] = None) -> list[str]:
     """Full names of the modules to wrap, in ``named_modules`` order.
 
     Args:
-        model: the base model (no LoRA yet).
-        spec: ``LoRAConfig.target_modules``.
+        model: the base model (no adapter yet).
+        spec: ``target_modules`` of the method's config.
         exclude: module names whose subtrees are never targets (``modules_to_save`` heads).
+        embeddings: whether ``nn.Embedding`` modules can be wrapped besides ``LINEAR_TYPES``
+            (LoRA: yes; "all-linear" still takes linear-like modules only).
+        registry: per-model defaults used when ``spec`` is None (``DEFAULT_TARGETS`` by default).
+        what: the method name used in error messages.
+        layers, layers_pattern: keep only modules in these layer indices (see ``in_layers``);
+            like peft, not applied to a regex ``spec``.
 
     Returns:
-        The matched names; each is a linear-like module.
+        The matched names; each is an instance of one of ``types``.
 
     Raises:
-        ValueError: nothing matched (the message lists the linear-like names that exist), or a
-            matched module is not linear-like.
+        ValueError: nothing matched (the message lists the wrappable names that exist), or a
+            matched module is of another type.
     """
+    types = (*LINEAR_TYPES, nn.Embedding) if embeddings else LINEAR_TYPES
     if spec is None:
-        spec = default_targets(getattr(getattr(model, "config", None), "model_type", None))
+        spec = default_targets(getattr(getattr(model, "config", None), "model_type", None), registry, what)
     named = [(n, m) for n, m in model.named_modules() if n and not under_any(n, exclude)]
+    if layers is not None and (not isinstance(spec, str) or spec == ALL_LINEAR):
+        named = [(n, m) for n, m in named if in_layers(n, layers, layers_pattern)]
     if spec == ALL_LINEAR:
         heads = output_head_names(model)
         found = [n for n, m in named if is_linear_like(m) and n not in heads]
@@ -108,13 +179,15 @@ def resolve_targets(model: nn.Module, spec: Union[None, str, tuple[str, ...]],
                              f"(types {[t.__name__ for t in LINEAR_TYPES]}) outside the output head")
         return found
     matched = [(n, m) for n, m in named if name_matches(n, spec)]
-    wrong = [f"{n} ({type(m).__name__})" for n, m in matched if not is_linear_like(m)]
+    wrong = [f"{n} ({type(m).__name__})" for n, m in matched if not isinstance(m, types)]
     if wrong:
-        raise ValueError(f"target_modules={spec!r} matched modules LoRA cannot wrap: {wrong}; "
-                         f"linear-like types are {[t.__name__ for t in LINEAR_TYPES]}")
+        raise ValueError(f"target_modules={spec!r} matched modules {what} cannot wrap: {wrong}; "
+                         f"it wraps {[t.__name__ for t in types]}")
     if not matched:
-        existing = [n for n, m in named if is_linear_like(m)]
-        raise ValueError(f"target_modules={spec!r} matched no module; the linear-like modules are: {existing}")
+        existing = [n for n, m in named if isinstance(m, types)]
+        where = "" if layers is None else f" in layers {layers!r}"
+        raise ValueError(f"target_modules={spec!r} matched no module{where}; the modules {what} can wrap "
+                         f"are: {existing}")
     return [n for n, _ in matched]
 
 

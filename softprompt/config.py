@@ -54,7 +54,10 @@ class PromptConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}; expected one of {METHODS}")
-        if not isinstance(self.n_virtual, int) or self.n_virtual <= 0:
+        for name in ("truncate_init_text", "honour_mlp_options"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected a bool")
+        if isinstance(self.n_virtual, bool) or not isinstance(self.n_virtual, int) or self.n_virtual <= 0:
             raise ValueError(f"n_virtual={self.n_virtual!r}; expected a positive int")
         if self.init not in INITS:
             raise ValueError(f"init={self.init!r}; expected one of {INITS}")
@@ -77,7 +80,8 @@ class PromptConfig:
             raise ValueError(f"encoder_hidden={self.encoder_hidden!r}; expected None or a positive int")
         if not isinstance(self.encoder_num_layers, int) or self.encoder_num_layers < 1:
             raise ValueError(f"encoder_num_layers={self.encoder_num_layers!r}; expected an int >= 1")
-        if not 0.0 <= self.encoder_dropout < 1.0:
+        if isinstance(self.encoder_dropout, bool) or not isinstance(self.encoder_dropout, (int, float)) \
+                or not 0.0 <= self.encoder_dropout < 1.0:
             raise ValueError(f"encoder_dropout={self.encoder_dropout!r}; expected a float in [0, 1)")
         if self.pool not in POOLS:
             raise ValueError(f"pool={self.pool!r}; expected one of {POOLS}")

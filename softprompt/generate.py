@@ -47,6 +47,9 @@ def decode(backbone: nn.Module, prompt: torch.Tensor, input_ids: torch.Tensor,
     device = input_ids.device
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    elif bool((attention_mask.sum(dim=1) == 0).any()):
+        rows = (attention_mask.sum(dim=1) == 0).nonzero().flatten().tolist()
+        raise ValueError(f"attention_mask rows {rows} are all padding; every row needs at least one real token")
     elif bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generate() needs left padding: some rows have a 0 in the last mask column")
     eos = _as_list(eos_token_id)

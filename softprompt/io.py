@@ -13,14 +13,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from softprompt.atomic import atomic_write, atomic_write_text
 from softprompt.config import PromptConfig
 from softprompt.model import PromptModel
 
@@ -65,9 +66,8 @@ def save_prompt(pm: PromptModel, folder: Union[str, os.PathLike],
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(folder, WEIGHTS)
-    save_file(adapter_state_dict(pm), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / WEIGHTS)
+    state = adapter_state_dict(pm)
+    atomic_write(folder / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     _write_json(folder / PEFT_CONFIG, peft_config_dict(pm, tokenizer_name_or_path))
     _write_json(folder / OUR_CONFIG, {"config": pm.config.to_dict(), "task": pm.task, "format_version": 1})
 
@@ -104,7 +104,13 @@ def peft_config_dict(pm: PromptModel, tokenizer_name_or_path: Optional[str] = No
     return out
 
 
-def load_prompt(backbone: nn.Module, folder: Union[str, os.PathLike]) -> PromptModel:
+# JSON types of the adapter_config.json keys load_prompt reads, as peft writes them
+_PEFT_TYPES = {"peft_type": (str,), "task_type": (str, type(None)), "num_virtual_tokens": (int,),
+               "token_dim": (int, type(None)), "num_transformer_submodules": (int, type(None)),
+               "inference_mode": (bool,)}
+
+
+def load_prompt(backbone: nn.Module, folder: Union[str, os.PathLike], check_finite: bool = True) -> PromptModel:
     """Rebuild a PromptModel from a folder written by ``save_prompt`` or by peft.
 
     A peft-saved P-Tuning folder holds only the encoder output, so it loads as a fixed prompt
@@ -113,46 +119,101 @@ def load_prompt(backbone: nn.Module, folder: Union[str, os.PathLike]) -> PromptM
     Args:
         backbone: a fresh backbone of the same architecture (it is frozen, never modified).
         folder: the adapter folder.
+        check_finite: refuse tensors holding NaN or inf (False loads them anyway).
     Returns:
         the PromptModel in eval mode; its adapter parameters still require grad.
+    Raises:
+        FileNotFoundError: a missing folder or file (named).
+        ValueError: bad JSON, wrong JSON types, missing keys, a truncated or corrupt weights
+            file, shapes that do not fit, non-finite tensors; the message names the file.
     """
     folder = Path(folder)
-    peft_cfg = json.loads((folder / PEFT_CONFIG).read_text())
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder {folder} does not exist")
+    peft_cfg = _read_json(folder / PEFT_CONFIG)
+    bad = [f"{k}={peft_cfg[k]!r}" for k, allowed in _PEFT_TYPES.items()
+           if k in peft_cfg and type(peft_cfg[k]) not in allowed]  # exact: True is no integer here
+    if bad:
+        raise ValueError(f"{folder / PEFT_CONFIG}: wrong value type(s) {bad}; expected "
+                         + ", ".join(f"{k}: {'/'.join(t.__name__ for t in v)}" for k, v in _PEFT_TYPES.items()))
     peft_type = peft_cfg.get("peft_type")
     if peft_type not in ("PROMPT_TUNING", "P_TUNING"):
         raise ValueError(f"{folder / PEFT_CONFIG}: peft_type={peft_type!r}; expected PROMPT_TUNING or P_TUNING")
-    if peft_cfg.get("num_transformer_submodules", 1) != 1:
-        raise ValueError(f"num_transformer_submodules={peft_cfg['num_transformer_submodules']}; "
-                         "only decoder-only / encoder-only backbones (1) are supported")
-    state = load_file(str(folder / WEIGHTS))
+    if peft_cfg.get("num_transformer_submodules") not in (None, 1):
+        raise ValueError(f"{folder / PEFT_CONFIG}: num_transformer_submodules="
+                         f"{peft_cfg['num_transformer_submodules']}; only decoder-only / encoder-only "
+                         "backbones (1) are supported")
+    state = _read_weights(folder / WEIGHTS)
+    if check_finite:
+        broken = sorted(k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        if broken:
+            raise ValueError(f"{folder / WEIGHTS}: tensor(s) {broken} hold NaN or infinite values; the adapter "
+                             "is broken (pass check_finite=False to load it anyway)")
     has_encoder = any(k.startswith(ENCODER_PREFIX) for k in state)
     ours = folder / OUR_CONFIG
     if ours.exists():
-        meta = json.loads(ours.read_text())
-        config, task = PromptConfig.from_dict(meta["config"]), meta["task"]
+        meta = _read_json(ours)
+        missing = [k for k in ("config", "task") if k not in meta]
+        if missing or not isinstance(meta.get("config"), dict):
+            raise ValueError(f"{ours}: missing or malformed key(s) {missing or ['config']}; expected "
+                             "{'config': {...}, 'task': ...}")
+        try:
+            config, task = PromptConfig.from_dict(meta["config"]), meta["task"]
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{ours}: {err}") from None
+        if task not in TASK_TYPES:
+            raise ValueError(f"{ours}: task={task!r}; expected one of {list(TASK_TYPES)}")
     else:
         task = {v: k for k, v in TASK_TYPES.items()}.get(peft_cfg.get("task_type"))
         if task is None:
-            raise ValueError(f"task_type={peft_cfg.get('task_type')!r}; "
+            raise ValueError(f"{folder / PEFT_CONFIG}: task_type={peft_cfg.get('task_type')!r}; "
                              f"expected one of {list(TASK_TYPES.values())}")
-        config = PromptConfig(method="prompt", n_virtual=int(peft_cfg["num_virtual_tokens"]))
+        if "num_virtual_tokens" not in peft_cfg:
+            raise ValueError(f"{folder / PEFT_CONFIG}: missing key 'num_virtual_tokens'")
+        try:
+            config = PromptConfig(method="prompt", n_virtual=peft_cfg["num_virtual_tokens"])
+        except ValueError as err:
+            raise ValueError(f"{folder / PEFT_CONFIG}: {err}") from None
     if config.method == "ptuning" and not has_encoder:
         raise ValueError(f"{folder}: softprompt_config.json says P-Tuning but no {ENCODER_PREFIX}* keys exist")
+    if "prompt_embeddings" not in state and config.method == "prompt":
+        raise ValueError(f"{folder / WEIGHTS}: missing key 'prompt_embeddings'")
     dim = int(backbone.get_input_embeddings().weight.shape[1])
     token_dim = peft_cfg.get("token_dim")
     if token_dim is not None and int(token_dim) != dim:
-        raise ValueError(f"adapter token_dim={token_dim} but the backbone's embedding width is {dim}: "
+        raise ValueError(f"{folder}: adapter token_dim={token_dim} but the backbone's embedding width is {dim}: "
                          "the adapter was saved for a different model")
     expected_shape = (config.n_virtual, dim)
-    if tuple(state["prompt_embeddings"].shape) != expected_shape:
-        raise ValueError(f"prompt_embeddings has shape {tuple(state['prompt_embeddings'].shape)}; expected "
-                         f"{expected_shape} (n_virtual, backbone embedding width)")
+    if "prompt_embeddings" in state and tuple(state["prompt_embeddings"].shape) != expected_shape:
+        raise ValueError(f"{folder / WEIGHTS}: prompt_embeddings has shape {tuple(state['prompt_embeddings'].shape)}; "
+                         f"expected {expected_shape} (n_virtual, backbone embedding width)")
     pm = PromptModel(backbone, config, task=task, init_weights=False)
-    _load_tensors(pm, state)
+    _load_tensors(pm, state, str(folder / WEIGHTS))
     return pm.eval()
 
 
-def _load_tensors(pm: PromptModel, state: dict[str, torch.Tensor]) -> None:
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter folder {path.parent} has no {path.name}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter folder {path.parent} has no {path.name}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+
+
+def _load_tensors(pm: PromptModel, state: dict[str, torch.Tensor], where: str = "adapter") -> None:
     """Copy every tensor in; name every missing, unexpected or mis-shaped key."""
     targets: dict[str, torch.Tensor] = {}
     if pm.config.method == "prompt":
@@ -168,7 +229,7 @@ def _load_tensors(pm: PromptModel, state: dict[str, torch.Tensor]) -> None:
     bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
            for k, v in targets.items() if k in state and state[k].shape != v.shape]
     if missing or unexpected or bad:
-        raise ValueError(f"adapter does not fit this model: missing keys {missing}, unexpected keys "
+        raise ValueError(f"{where} does not fit this model: missing keys {missing}, unexpected keys "
                          f"{unexpected}, shape mismatches {bad}")
     with torch.no_grad():
         for key, target in targets.items():
@@ -183,13 +244,5 @@ def _first_attr(obj: Any, names: tuple[str, ...]) -> Any:
     return None
 
 
-def _tmp_path(folder: Path, name: str) -> Path:
-    fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    return Path(path)
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = _tmp_path(path.parent, path.name)
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -130,7 +130,9 @@ class PromptModel(nn.Module):
         if self.task == "seq_cls" and insert_at == 0 and attention_mask is not None and \
                 _is_decoder_head(self.backbone) and not torch.compiler.is_compiling() and \
                 not bool(attention_mask[:, -1].all()):
-            log.warning("decoder classifier on a right-padded batch reads a pad position; use left padding")
+            raise ValueError("a decoder classifier reads the last position, and this batch is right-padded "
+                             "(attention_mask has 0 in its last column): its head would pool a pad position; "
+                             "pad on the left")
         batch = prepend_prompt(self.prompt(), inputs_embeds, attention_mask, labels, token_type_ids, insert_at)
         kwargs.update(batch)
         if self.head is None:

@@ -8,9 +8,11 @@ A checkpoint is a folder ``<run>/checkpoints/step-<N>/`` holding
 - ``state.json``: step, optimizer param-group hyper-parameters, GradScaler state, python
   ``random`` state, the run config and any extra fields;
 - ``adapter/``: the method's own adapter folder, when a writer is given.
-The folder is built under a temporary name and renamed into place; ``<run>/checkpoints/latest.json``
-then names it (replaced atomically), so a run killed at any point leaves the previous
-checkpoint intact and named.
+The folder is built under a temporary name (``.step-<N>.*``), its files fsynced, and renamed
+into place; ``<run>/checkpoints/latest.json`` then names it (replaced atomically), so a run
+killed at any point, or a disk that fills up, leaves the previous checkpoint intact and named.
+Temporary folders of killed writes are removed by ``remove_orphans`` on the next start. A
+missing or corrupt ``latest.json`` falls back to the newest complete ``step-*`` folder.
 """
 from __future__ import annotations
 
@@ -24,26 +26,48 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "write_json_atomic",
-           "named_trainable"]
+from .atomic import default_dir_mode, default_mode, fsync_dir, write_json_atomic
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "read_state", "remove_orphans",
+           "write_json_atomic", "named_trainable", "CheckpointWriteError"]
 
 log = logging.getLogger(__name__)
+_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a run's files are ordinary readable files
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous one is intact."""
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Give every file under ``folder`` the ordinary mode and flush files and folders to disk."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            os.chmod(path, default_mode())  # safetensors creates 0600 files
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for sub in sorted(p for p in folder.rglob("*") if p.is_dir()):
+        fsync_dir(sub)
+    fsync_dir(folder)
+
+
+def remove_orphans(run_dir: Path) -> list[Path]:
+    """Delete temporary checkpoint folders (and temp files) left by killed writes; returns them."""
+    root = Path(run_dir) / "checkpoints"
+    gone = [p for p in root.glob(".step-*") if p.is_dir()] if root.is_dir() else []
+    for folder in (Path(run_dir), root, Path(run_dir) / "adapter"):
+        if folder.is_dir():
+            gone += [p for p in folder.glob(".*.tmp") if p.is_file()]
+    for p in gone:
+        log.info("removing %s, left by an interrupted write", p)
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return gone
 
 
 def named_trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -79,9 +103,14 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
         The checkpoint folder.
     """
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=root))
+    previous = latest_checkpoint(run_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=root))
+    except OSError as err:
+        raise CheckpointWriteError(f"could not write the checkpoint of step {step} under {root}: {err}; "
+                                   f"previous checkpoint: {previous or 'none'}") from err
     try:
         named = named_trainable(model)
         save_file({n: p.detach().contiguous().cpu() for n, p in named}, tmp / "trainable.safetensors")
@@ -108,26 +137,74 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
         write_json_atomic(tmp / "state.json", state)
         if write_adapter is not None:
             write_adapter(model, tmp / "adapter")
+        _fsync_tree(tmp)
+        os.chmod(tmp, default_dir_mode())  # mkdtemp makes 0700
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_dir(root)
+        write_json_atomic(root / "latest.json", {"step": step, "folder": final.name})
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(f"could not write the checkpoint of step {step} under {root}: {err}; "
+                                   f"the previous checkpoint is intact: {previous or 'none'}") from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_json_atomic(root / "latest.json", {"step": step, "folder": final.name})
     old = sorted(p for p in root.glob("step-*") if p.is_dir() and p != final)
     for p in old[:max(0, len(old) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return final
 
 
+def _complete(folder: Path) -> bool:
+    if not all((folder / f).is_file() for f in _FILES):
+        return False
+    try:
+        json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return False
+    return True
+
+
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The folder ``latest.json`` names, or None when the run has no checkpoint."""
-    pointer = Path(run_dir) / "checkpoints" / "latest.json"
-    if not pointer.is_file():
-        return None
-    folder = pointer.parent / json.loads(pointer.read_text())["folder"]
-    return folder if folder.is_dir() else None
+    """The folder ``latest.json`` names, or None when the run has no checkpoint.
+
+    A missing, corrupt or dangling ``latest.json`` (or one naming an incomplete folder) falls
+    back to the newest complete ``step-*`` folder, with a warning.
+    """
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest.json"
+    if pointer.is_file():
+        try:
+            name = json.loads(pointer.read_text(encoding="utf-8"))["folder"]
+            folder = root / name
+            if isinstance(name, str) and name.startswith("step-") and _complete(folder):
+                return folder
+            log.warning("%s names %r, which is not a complete checkpoint; looking for the newest one", pointer, name)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            log.warning("%s is corrupt; looking for the newest complete checkpoint", pointer)
+    found = sorted(p for p in root.glob("step-*") if p.is_dir() and _complete(p)) if root.is_dir() else []
+    return found[-1] if found else None
+
+
+def read_state(folder: Path) -> dict:
+    """``state.json`` of a checkpoint folder; a ValueError names a corrupt file."""
+    path = Path(folder) / "state.json"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError(f"{path}: expected an object with an integer 'step'")
+    return state
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
 
 
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -137,7 +214,7 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
         ValueError: the model's trainable parameters differ from the checkpoint's (names listed).
     """
     folder = Path(folder)
-    state = json.loads((folder / "state.json").read_text())
+    state = read_state(folder)
     named = named_trainable(model)
     names = [n for n, _ in named]
     if names != state["trainable_names"]:
@@ -145,14 +222,14 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
         unexpected = sorted(set(names) - set(state["trainable_names"]))
         raise ValueError(f"checkpoint {folder} does not fit this model: missing {missing}, "
                          f"unexpected {unexpected}")
-    tensors = load_file(folder / "trainable.safetensors")
+    tensors = _load(folder / "trainable.safetensors")
     with torch.no_grad():
         for n, p in named:
             if tensors[n].shape != p.shape:
                 raise ValueError(f"checkpoint {folder}: {n} has shape {tuple(tensors[n].shape)}, "
                                  f"the model {tuple(p.shape)}")
             p.copy_(tensors[n])
-    opt_tensors = load_file(folder / "optimizer.safetensors")
+    opt_tensors = _load(folder / "optimizer.safetensors")
     order = [p for g in optimizer.param_groups for p in g["params"]]
     index = {id(p): i for i, (_, p) in enumerate(named)}
     per_param: dict[int, dict] = {}
@@ -172,7 +249,7 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
             if k == "betas":
                 g[k] = tuple(v)
     optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    rng = load_file(folder / "rng.safetensors")
+    rng = _load(folder / "rng.safetensors")
     torch.set_rng_state(rng["torch_cpu"])
     if torch.cuda.is_available():
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]

@@ -69,7 +69,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             raise ValueError(f"--config {args.config}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"--config {args.config}: expected a JSON object with model/data/loop sections")
-        RunConfig.from_dict(loaded)  # names unknown sections and fields
+        loaded = _rerun_config(loaded, args.config)
+        try:
+            RunConfig.from_dict(loaded)  # names unknown sections and fields, wrong types
+        except ValueError as e:
+            raise ValueError(f"--config {args.config}: {e}") from None
         for k, v in loaded.items():
             base[k].update(v)
     for group_name, klass in _GROUPS:
@@ -78,6 +82,23 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             if value is not None:
                 base[group_name][f.name] = tuple(value) if isinstance(value, list) else value
     return RunConfig.from_dict(base)
+
+
+def _rerun_config(loaded: dict, path: Path) -> dict:
+    """A run folder's ``config.json`` also records ``effective_lr`` (the lr the run used): it pins
+    ``loop.lr`` when the file leaves it unset, so the rerun uses the same step size even if the
+    method's default changes. Its ``fingerprint`` (content hashes that guard ``--resume``) is a
+    record of the finished run, not a setting: it is dropped."""
+    loaded = {k: v for k, v in loaded.items() if k != "fingerprint"}
+    if "effective_lr" not in loaded:
+        return loaded
+    lr = loaded.pop("effective_lr")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+        raise ValueError(f"--config {path}: effective_lr={lr!r}; expected a number")
+    loop = loaded.get("loop")
+    if isinstance(loop, dict) and loop.get("lr") is None:
+        loaded["loop"] = {**loop, "lr": float(lr)}
+    return loaded
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,21 +135,33 @@ def _load_run(run_dir: Path):
     cfg_path = run_dir / RUN_CONFIG
     if not cfg_path.is_file() or not (run_dir / "adapter").is_dir():
         raise FileNotFoundError(f"{run_dir} is not a finished run folder (needs {RUN_CONFIG} and adapter/)")
-    raw = json.loads(cfg_path.read_text())
-    raw.pop("effective_lr", None)
-    cfg = RunConfig.from_dict(raw)
+    try:
+        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise ValueError("expected a JSON object")
+        raw.pop("effective_lr", None)
+        raw.pop("fingerprint", None)
+        cfg = RunConfig.from_dict(raw)
+    except (ValueError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{cfg_path}: {e}") from None
     p = prepare(cfg)
     from .loop import resolve_device
     backbone = load_base(cfg, p.folder, p.task, resolve_device(cfg.loop.device))
-    model = adapters.load_adapted(backbone, cfg.model.method, run_dir / "adapter")
+    model = adapters.load_adapted(backbone, cfg.model.method, run_dir / "adapter", cfg=cfg.model)
     return cfg, p, model.eval()
 
 
 def _predict(args) -> None:
     import torch
     from .data import encode_instruction, format_prompt
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}; expected >= 1")
     cfg, p, model = _load_run(args.run)
     device = next(model.parameters()).device
+    hf = getattr(getattr(model, "backbone", model), "config", None)
+    limit = next((v for v in (getattr(hf, k, None) for k in ("max_position_embeddings", "n_positions"))
+                  if isinstance(v, int) and v > 0), None)
+    virtual = cfg.model.n_virtual if cfg.model.method in ("prompt", "ptuning") else 0
     with torch.no_grad():
         for text in args.texts:
             if p.task == "seq_cls":
@@ -142,6 +175,10 @@ def _predict(args) -> None:
                 rec = {"instruction": cfg.data.instruction, "input": text, "output": ""}
             ids = encode_instruction(p.tokenizer, rec, cfg.data.max_length)["input_ids"]
             prompt = torch.tensor([ids[:-1]], device=device)  # drop the eos of the empty answer
+            if limit is not None and virtual + prompt.shape[1] + args.max_new_tokens > limit:
+                raise ValueError(f"--max-new-tokens {args.max_new_tokens}: with the {prompt.shape[1]} prompt tokens"
+                                 f"{f' and {virtual} virtual tokens' if virtual else ''} this exceeds the model's "
+                                 f"{limit} positions; use --max-new-tokens {limit - virtual - prompt.shape[1]} or less")
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.max_new_tokens,
                                  do_sample=False, pad_token_id=p.tokenizer.pad_token_id)
             answer = p.tokenizer.decode(out[0, prompt.shape[1]:], skip_special_tokens=True)
@@ -187,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.command == "demo":
             from .demo import run_demo
             run_demo(out=args.out, full=args.full, only=args.only)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # OSError: FileNotFound, FileExists, a full disk...
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

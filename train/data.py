@@ -110,17 +110,27 @@ def read_records(path: Path, num_labels: int = 2) -> list[dict]:
     Returns:
         The records, in file order.
     Raises:
-        DataError: unknown suffix, empty file, missing fields, labels outside the label set.
+        DataError: unknown suffix, not UTF-8, empty file, missing fields, labels outside the label set.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    if path.suffix == ".csv":
-        records = _read_csv(path, num_labels)
-    elif path.suffix in (".json", ".jsonl"):
-        records = _read_instructions(path)
-    else:
-        raise DataError(f"{path}: unknown suffix {path.suffix!r}; expected .csv, .json or .jsonl")
+    try:
+        if path.suffix == ".csv":
+            records = _read_csv(path, num_labels)
+        elif path.suffix in (".json", ".jsonl"):
+            records = _read_instructions(path)
+        else:
+            raise DataError(f"{path}: unknown suffix {path.suffix!r}; expected .csv, .json or .jsonl")
+    except UnicodeDecodeError:  # e.g. a Latin-1 file: say where, rather than guess an encoding
+        raw = path.read_bytes()
+        try:
+            raw.decode("utf-8")
+            raise
+        except UnicodeDecodeError as e:  # offsets in the whole file, not in a decoder chunk
+            line = raw[:e.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: byte {raw[e.start:e.start + 1]!r} at offset {e.start} is not UTF-8; "
+                            f"expected a UTF-8 file (convert it, e.g. iconv -f latin1 -t utf-8)") from None
     if not records:
         raise DataError(f"{path}: the file holds no records")
     return records

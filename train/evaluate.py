@@ -25,11 +25,12 @@ def _batches(items: list, size: int):
 
 @torch.no_grad()
 def classify_accuracy(model: torch.nn.Module, examples: list[dict], pad_id: int,
-                      device: torch.device, batch_size: int = 64) -> dict:
-    """Accuracy and mean loss of a sequence classifier on encoded ``{"input_ids", "labels"}``."""
+                      device: torch.device, batch_size: int = 64, padding_side: str = "right") -> dict:
+    """Accuracy and mean loss of a sequence classifier on encoded ``{"input_ids", "labels"}``
+    (``padding_side="left"`` for heads that read the last position without seeing pad ids)."""
     was_training = model.training
     model.eval()
-    collate = PadCollator(pad_id=pad_id)
+    collate = PadCollator(pad_id=pad_id, side=padding_side)
     correct, loss_sum = 0, 0.0
     order = sorted(examples, key=lambda e: len(e["input_ids"]))  # similar lengths: little padding
     for chunk in _batches(order, batch_size):

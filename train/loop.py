@@ -3,8 +3,9 @@
 ``train`` takes any ``nn.Module`` whose ``forward(**batch)`` returns an object with ``.loss``
 (an adapted model from ``softprompt`` or ``lora``, or anything else with frozen and trainable
 parameters) and optimizes its trainable parameters only. Under ``torchrun`` (``WORLD_SIZE`` > 1)
-the same loop runs DDP: every rank reads its share of each global batch, gradients of the
-trainable parameters are averaged, rank 0 logs and writes checkpoints.
+the same loop runs DDP or FSDP2 (``cfg.distributed``, see ``train/distributed.py``): every rank
+reads its share of each global batch, gradients of the trainable parameters are averaged, rank 0
+logs and writes checkpoints.
 """
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data.distributed import DistributedSampler
 
-from .checkpoint import latest_checkpoint, load_checkpoint, named_trainable, save_checkpoint
+from . import distributed
+from .atomic import atomic_write_text
+from .checkpoint import latest_checkpoint, load_checkpoint, named_trainable, remove_orphans, save_checkpoint
 from .config import LoopConfig
 from .memory import release_freed_memory
 from .metrics import open_board
@@ -54,12 +57,22 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> this process's CUDA device when available (LOCAL_RANK under torchrun), else CPU."""
+    """``auto`` -> this process's CUDA device when available (LOCAL_RANK under torchrun), else CPU.
+
+    Raises:
+        ValueError: a CUDA device is asked for and this machine has none (or not that index).
+    """
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def label_count(batch: dict) -> int:
@@ -107,7 +120,8 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
         cfg: loop knobs (steps, batch, accumulation, precision, schedule, checkpoints...).
         run_dir: output folder: ``metrics.jsonl``, ``loss.png``, ``checkpoints/``.
         lr: peak learning rate.
-        evaluate: called on rank 0 with the model in eval mode every ``cfg.eval_every`` steps;
+        evaluate: called with the model in eval mode every ``cfg.eval_every`` steps (on rank 0;
+            on every rank under FSDP2, whose forward is collective);
             returns JSON-ready metrics.
         write_adapter: writes the method's adapter folder into each checkpoint.
         resume: continue from ``run_dir``'s latest checkpoint.
@@ -130,6 +144,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
     main = rank == 0
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_orphans(run_dir)  # temp folders/files of writes a kill interrupted
 
     # -- seeds, model, optimizer over trainable parameters only -----------------------------
     torch.manual_seed(cfg.seed)
@@ -143,8 +158,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
     if not params:
         raise ValueError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    # DDP buckets only parameters that require grad: the frozen base costs no all-reduce.
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net = distributed.wrap(model, cfg.distributed, world, device)  # DDP or FSDP2 (train/distributed.py)
     if cfg.compile:  # the forward only: checkpoints and adapters still see the plain model
         net = torch.compile(net)
 
@@ -158,7 +172,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
         return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
     # -- resume --------------------------------------------------------------------------------
-    start = 0
+    start, window, norms, window_tokens, window_time = 0, [], [], 0.0, 0.0
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
         folder = latest_checkpoint(run_dir)
@@ -172,12 +186,13 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         start = state["step"]
+        # the log window the checkpoint cut: the next metrics line averages the whole window
+        cut = state.get("log_window") or {}
+        window, norms = list(cut.get("loss", [])), list(cut.get("grad_norm", []))
+        window_tokens, window_time = float(cut.get("tokens", 0.0)), float(cut.get("seconds", 0.0))
         if main and metrics_path.is_file():  # drop log lines written after the checkpoint
-            keep = [ln for ln in metrics_path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["step"] <= start]
-            tmp = metrics_path.with_name(metrics_path.name + ".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            os.replace(tmp, metrics_path)
+            keep = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= start]
+            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
     elif main and metrics_path.exists():
         metrics_path.unlink()
 
@@ -195,8 +210,10 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
     def checkpoint(step: int) -> Optional[Path]:
         path = None
         if main:
-            path = save_checkpoint(run_dir, step, model, optimizer,
-                                   scaler.state_dict() if scaler else None, extra, write_adapter)
+            path = save_checkpoint(run_dir, step, model, optimizer, scaler.state_dict() if scaler else None,
+                                   {**extra, "log_window": {"loss": list(window), "grad_norm": list(norms),
+                                                            "tokens": window_tokens, "seconds": window_time}},
+                                   write_adapter)
         if world > 1:
             dist.barrier()
         return path
@@ -208,7 +225,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
     except ImportError:  # tqdm is a dependency; keep the loop usable without it
         bar = None
     epochs: dict[int, list[list[int]]] = {}
-    window, norms, window_tokens, window_time, step_times, last_ckpt = [], [], 0.0, 0.0, [], None
+    step_times, last_ckpt = [], None
     net.train()
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
@@ -233,8 +250,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
         loss_sum = torch.zeros((), dtype=torch.float64)
         for a, batch in enumerate(micro):
             batch = {k: v.to(device) for k, v in batch.items()}
-            sync = net.no_sync() if world > 1 and a < cfg.grad_accum - 1 else contextlib.nullcontext()
-            with sync:
+            with distributed.accumulate(net, last=a == cfg.grad_accum - 1):
                 with autocast():
                     out = net(**batch)
                 if counts[a] == 0:
@@ -255,6 +271,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
                 weighted = loss * (float(counts[a]) * world / float(total))
                 (scaler.scale(weighted) if scaler else weighted).backward()
                 loss_sum += loss.detach().double().cpu() * counts[a]
+        distributed.average_gradients(net, params, world)  # FSDP2 only: DDP averaged in backward
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         if cfg.max_grad_norm > 0:
@@ -291,7 +308,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
                         "s_per_step": window_time / len(window)})
             window, norms, window_tokens, window_time = [], [], 0.0, 0.0
         if evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-            if main:
+            if main or distributed.forward_needs_all_ranks(net):  # FSDP2: every rank runs forward
                 net.eval()
                 log_record({"kind": "eval", "step": done, **evaluate(model)})
                 net.train()

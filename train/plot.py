@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
+
+from .atomic import atomic_write
 
 __all__ = ["read_metrics", "plot_loss"]
 
@@ -13,11 +13,22 @@ log = logging.getLogger(__name__)
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """All records of a metrics JSONL file (an absent file reads as empty)."""
+    """All records of a metrics JSONL file (an absent file reads as empty; a torn last line is
+    skipped, a corrupt line before it is a ValueError naming the line)."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # a torn last line (a killed write) is not a record
+                log.warning("%s: ignoring a torn last line", path)
+                continue
+            raise ValueError(f"{path}:{i + 1}: not valid JSON; the metrics log is corrupt") from None
+    return records
 
 
 def plot_loss(metrics_path: Path, png_path: Path, title: str = "") -> bool:
@@ -52,14 +63,8 @@ def plot_loss(metrics_path: Path, png_path: Path, title: str = "") -> bool:
     ax.legend()
     fig.tight_layout()
     png_path = Path(png_path)
-    fd, tmp = tempfile.mkstemp(prefix=png_path.name + ".", suffix=".png", dir=png_path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, png_path)
+        atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return True

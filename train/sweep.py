@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from .atomic import atomic_write
 from .config import RunConfig
 
 __all__ = ["SweepSpec", "Cell", "load_spec", "expand", "run_sweep", "mean_std_ci", "t_quantile_975"]
@@ -274,12 +275,12 @@ def format_summary(summary: list[dict], metric: str) -> str:
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    atomic_write(path, write)
 
 
 def _plot(summary: list[dict], metric: str, path: Path) -> None:

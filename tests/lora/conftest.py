@@ -35,8 +35,11 @@ def our_config(family: str, **kw) -> LoRAConfig:
 def peft_config(family: str, cfg: LoRAConfig):
     from peft import LoraConfig
     targets = cfg.target_modules if isinstance(cfg.target_modules, (str, type(None))) else list(cfg.target_modules)
+    layers = list(cfg.layers_to_transform) if isinstance(cfg.layers_to_transform, tuple) else cfg.layers_to_transform
     return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                       use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, bias=cfg.bias,
+                      rank_pattern=dict(cfg.rank_pattern), alpha_pattern=dict(cfg.alpha_pattern),
+                      layers_to_transform=layers, layers_pattern=cfg.layers_pattern,
                       task_type="SEQ_CLS" if family == "bert" else "CAUSAL_LM")
 
 
@@ -74,6 +77,8 @@ def randomize_both(ours, pm, seed: int = 2) -> None:
             value = torch.randn(mine[key].shape, generator=g).to(mine[key].device) * 0.2
             if key.endswith("lora_magnitude_vector"):
                 value = mine[key] * (1 + value)
+            elif key.endswith("ia3_l"):  # IA3 vectors scale around 1
+                value = 1 + value
             mine[key].copy_(value)
             theirs[key].copy_(value)
 

@@ -1,4 +1,6 @@
-"""Print the largest |ours - peft| per model family (logits, adapter gradients, 5 AdamW losses).
+"""Print the largest |ours - peft| per method and model family (init, logits, adapter gradients,
+5 AdamW losses): LoRA (its variants), LoRA on embeddings with rank/alpha patterns and layer
+selection, and IA3.
 
     python -m tests.lora.peft_diff_report [--device cuda] [--dtype bfloat16]
 
@@ -11,24 +13,38 @@ import warnings
 
 import torch
 
-from lora import add_lora, lora_parameters
+from lora import IA3Config, add_ia3, add_lora, lora_parameters
 from lora.inject import adapter_tensors
 from tests.lora.conftest import (FAMILIES, VARIANTS, base_model, batch, our_config, peft_config, peft_trainable,
                                  randomize_both)
 
 
 def pair(family, cfg, device, dtype):
-    from peft import get_peft_model
+    from peft import IA3Config as PeftIA3Config, get_peft_model
     ours, ref = (base_model(family).to(device=device, dtype=dtype) for _ in range(2))
     torch.manual_seed(1)
-    add_lora(ours, cfg)
+    if isinstance(cfg, IA3Config):
+        add_ia3(ours, cfg)
+        peft_cfg = PeftIA3Config(task_type="SEQ_CLS" if family == "bert" else "CAUSAL_LM")
+    else:
+        add_lora(ours, cfg)
+        peft_cfg = peft_config(family, cfg)
     torch.manual_seed(1)
-    pm = get_peft_model(ref, peft_config(family, cfg))
+    pm = get_peft_model(ref, peft_cfg)
     return ours, pm
 
 
-def measure(family: str, variant: str, device: str, dtype: torch.dtype) -> dict[str, float]:
-    cfg = our_config(family, **VARIANTS[variant])
+def configs(method: str, family: str) -> list:
+    """The configs measured for one method on one family."""
+    if method == "lora":
+        return [our_config(family, **VARIANTS[v]) for v in VARIANTS]
+    if method == "ia3":
+        return [IA3Config(modules_to_save=("classifier",) if family == "bert" else ())]
+    from tests.lora.test_embedding_patterns import VARIANTS as EMB, config
+    return [config(family, v) for v in EMB]
+
+
+def measure(family: str, cfg, device: str, dtype: torch.dtype) -> dict[str, float]:
     ours, pm = pair(family, cfg, device, dtype)
     mine, theirs = adapter_tensors(ours), peft_trainable(pm)
     init = max((mine[k] - theirs[k]).abs().max().item() for k in mine)
@@ -61,12 +77,15 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     warnings.filterwarnings("ignore")
-    print(f"device={args.device} dtype={args.dtype}; max |ours - peft| over variants {list(VARIANTS)}")
-    print(f"{'family':8s} {'init':>10s} {'logits':>10s} {'grads':>10s} {'5 losses':>10s}")
-    for family in FAMILIES:
-        rows = [measure(family, v, args.device, dtype) for v in VARIANTS]
-        worst = {k: max(r[k] for r in rows) for k in rows[0]}
-        print(f"{family:8s} " + " ".join(f"{worst[k]:10.2e}" for k in ("init", "logits", "grads", "losses")))
+    print(f"device={args.device} dtype={args.dtype}; max |ours - peft| (lora: over variants {list(VARIANTS)}; "
+          f"embedding: embedding LoRA, rsLoRA, rank/alpha patterns, layers_to_transform)")
+    print(f"| method | family | init | logits | grads | 5 losses |\n|---|---|---:|---:|---:|---:|")
+    for method in ("lora", "embedding", "ia3"):
+        for family in FAMILIES:
+            rows = [measure(family, cfg, args.device, dtype) for cfg in configs(method, family)]
+            worst = {k: max(r[k] for r in rows) for k in rows[0]}
+            print(f"| {method} | {family} | " + " | ".join(f"{worst[k]:.2e}" for k in ("init", "logits", "grads", "losses"))
+                  + " |")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def test_matching_equals_peft(family: str, spec) -> None:
 def test_bad_inputs_raise_and_leave_model_unchanged(family: str) -> None:
     model = base_model(family)
     snap = snapshot(model)
-    with pytest.raises(ValueError, match="matched no module; the linear-like modules are") as err:
+    with pytest.raises(ValueError, match="matched no module; the modules LoRA can wrap are") as err:
         add_lora(model, LoRAConfig(target_modules=["nope_proj"]))
     some_linear = next(n for n, m in model.named_modules() if is_linear_like(m))
     assert some_linear in str(err.value)

@@ -98,9 +98,14 @@ def test_bad_folders_raise_and_leave_model_unchanged(saved_llama, tmp_path, monk
 
     # an option we do not implement, and a missing folder
     raw = json.loads((saved_llama / "adapter_config.json").read_text())
-    raw["rank_pattern"] = {"q_proj": 2}
+    raw["rank_pattern"] = {"q_proj": 2}  # now implemented: the file's [4, ...] tensors do not fit r=2
     (saved_llama / "adapter_config.json").write_text(json.dumps(raw))
-    with pytest.raises(ValueError, match="rank_pattern"):
+    with pytest.raises(ValueError, match=r"shape mismatches .*q_proj.lora_A.weight: file \(4, 16\) vs model \(2, 16\)"):
+        load_lora(model, saved_llama)
+    assert_unchanged(model, snap)
+    raw["rank_pattern"], raw["lora_bias"] = {}, True
+    (saved_llama / "adapter_config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="lora_bias=True is not supported"):
         load_lora(model, saved_llama)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_lora(model, tmp_path / "nowhere")

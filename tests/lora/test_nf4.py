@@ -10,6 +10,8 @@ import torch
 from lora.nf4 import (BLOCKSIZES, NF4State, bits_per_parameter, codebook, dequantize_nf4,
                       dynamic_map_8bit, quantize_blockwise_8bit, quantize_nf4)
 
+from tests.lora.bits import assert_bits_equal  # noqa: E402
+
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
 # shapes: numel divisible by every blocksize, rows shorter than a block, odd numel, 1-D, 3-D
@@ -39,11 +41,9 @@ def _bnb_reference_dequant(packed, st, quant_type, dtype):
 
 
 def test_codebooks_match_bitsandbytes():
-    torch.testing.assert_close(codebook("nf4"), bnbF.get_4bit_type("nf4", device="cpu"),
-                               atol=0, rtol=0)
-    torch.testing.assert_close(codebook("fp4"), bnbF.get_4bit_type("fp4", device="cpu"),
-                               atol=0, rtol=0)
-    torch.testing.assert_close(dynamic_map_8bit(), bnbF.create_dynamic_map(), atol=0, rtol=0)
+    assert_bits_equal(codebook("nf4"), bnbF.get_4bit_type("nf4", device="cpu"))
+    assert_bits_equal(codebook("fp4"), bnbF.get_4bit_type("fp4", device="cpu"))
+    assert_bits_equal(dynamic_map_8bit(), bnbF.create_dynamic_map())
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
@@ -64,7 +64,7 @@ def test_quantize_bit_exact(shape, dtype, blocksize, double_quant):
         expected = _bnb_reference_dequant(ref_packed, ref, "nf4", out_dtype)
         got = dequantize_nf4(packed, state, out_dtype)
         assert got.shape == w.shape and got.dtype == out_dtype
-        torch.testing.assert_close(got.reshape(-1), expected.reshape(-1), atol=0, rtol=0)
+        assert_bits_equal(got.reshape(-1), expected.reshape(-1))
 
 
 @pytest.mark.parametrize("shape", [(64, 128), (256, 512)])
@@ -76,11 +76,10 @@ def test_dequantize_matches_bitsandbytes_cpu_kernel(shape):
                                              compress_statistics=dq)
         packed, state = quantize_nf4(w, blocksize=64, double_quant=dq)
         for dtype in DTYPES:
-            torch.testing.assert_close(dequantize_nf4(packed, state, dtype),
+            assert_bits_equal(dequantize_nf4(packed, state, dtype),
                                        bnbF.dequantize_4bit(ref_packed, ref, quant_type="nf4").to(dtype)
                                        if dtype == torch.float32 else
-                                       _bnb_reference_dequant(ref_packed, ref, "nf4", dtype),
-                                       atol=0, rtol=0)
+                                       _bnb_reference_dequant(ref_packed, ref, "nf4", dtype))
 
 
 @pytest.mark.parametrize("shape,blocksize", [((64, 64), 64), ((33, 7), 32), ((300,), 128)])
@@ -89,9 +88,8 @@ def test_fp4_bit_exact(shape, blocksize):
     ref_packed, ref = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="fp4")
     packed, state = quantize_nf4(w, blocksize=blocksize, quant_type="fp4")
     assert torch.equal(packed, ref_packed) and torch.equal(state.absmax, ref.absmax)
-    torch.testing.assert_close(dequantize_nf4(packed, state),
-                               _bnb_reference_dequant(ref_packed, ref, "fp4", torch.float32),
-                               atol=0, rtol=0)
+    assert_bits_equal(dequantize_nf4(packed, state),
+                               _bnb_reference_dequant(ref_packed, ref, "fp4", torch.float32))
 
 
 def test_double_quant_cpu_lookup_table_rounding():
@@ -122,7 +120,7 @@ def test_nearest_rounding_is_exact_nearest():
     dist = (scaled.reshape(-1, 1) - dynamic_map_8bit().unsqueeze(0)).abs()  # [n, 256]
     best = dist.min(dim=1).values
     chosen = dist.gather(1, codes.long().unsqueeze(1)).squeeze(1)
-    torch.testing.assert_close(chosen, best, atol=0, rtol=0)
+    assert_bits_equal(chosen, best)
 
 
 def test_reference_numbers_and_error_bound():
@@ -175,8 +173,7 @@ def test_dequantize_into_out_buffer(shape, blocksize):
         out = torch.full(shape, float("nan"), dtype=dtype)
         got = dequantize_nf4(packed, state, out=out)
         assert got.data_ptr() == out.data_ptr()
-        torch.testing.assert_close(got, _bnb_reference_dequant(ref_packed, ref, "nf4", dtype),
-                                   atol=0, rtol=0)
+        assert_bits_equal(got, _bnb_reference_dequant(ref_packed, ref, "nf4", dtype))
     with pytest.raises(ValueError, match="out"):
         dequantize_nf4(packed, state, out=torch.empty(3))
 
@@ -200,4 +197,4 @@ def test_dequantize_into_unaligned_out_slice():
     packed, state = quantize_nf4(w)
     storage = torch.empty(64 * 64 + 1)
     got = dequantize_nf4(packed, state, out=storage[1:])  # fp32 offset 1: not 8-byte aligned
-    torch.testing.assert_close(got, dequantize_nf4(packed, state), atol=0, rtol=0)
+    assert_bits_equal(got, dequantize_nf4(packed, state))

@@ -8,6 +8,7 @@ from torch import nn
 
 from lora.nf4 import quantize_nf4
 from lora.nf4_linear import NF4Linear
+from tests.lora.bits import assert_bits_equal
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -32,10 +33,10 @@ def test_forward_backward_equal_dense_linear(dtype, in_f, bias):
     b2 = None if lin.bias is None else lin.bias.detach().to(dtype).requires_grad_(True)
     y2 = F.linear(x2, w, b2)
     y2.backward(g)
-    torch.testing.assert_close(y, y2, atol=0, rtol=0)
-    torch.testing.assert_close(x.grad, x2.grad, atol=0, rtol=0)
+    assert_bits_equal(y, y2)
+    assert_bits_equal(x.grad, x2.grad)
     if bias:
-        torch.testing.assert_close(layer.bias.grad, b2.grad.float(), atol=0, rtol=0)
+        assert_bits_equal(layer.bias.grad, b2.grad.float())
 
 
 def test_compute_dtype_casts_and_returns_input_dtype():
@@ -44,7 +45,7 @@ def test_compute_dtype_casts_and_returns_input_dtype():
     y = layer(x)
     assert y.dtype == torch.float32
     expected = F.linear(x.bfloat16(), layer.dequantize(torch.bfloat16), layer.bias.bfloat16()).float()
-    torch.testing.assert_close(y, expected, atol=0, rtol=0)
+    assert_bits_equal(y, expected)
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -63,11 +64,11 @@ def test_matches_bitsandbytes_linear4bit_train_mode(double_quant):
     x = torch.randn(2, 7, 128, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
     y, y_ref = ours(x), ref(x_ref)
-    torch.testing.assert_close(y, y_ref, atol=0, rtol=0)
+    assert_bits_equal(y, y_ref)
     g = torch.randn_like(y)
     y.backward(g)
     y_ref.backward(g)
-    torch.testing.assert_close(x.grad, x_ref.grad, atol=0, rtol=0)
+    assert_bits_equal(x.grad, x_ref.grad)
 
 
 def test_backward_saves_no_dense_weight():
@@ -111,12 +112,12 @@ def test_state_dict_is_bitsandbytes_layout_and_round_trips():
     ref.bias = nn.Parameter(sd["bias"])
     ref.train()
     x = torch.randn(3, 128)
-    torch.testing.assert_close(ref(x), layer(x), atol=0, rtol=0)
+    assert_bits_equal(ref(x), layer(x))
     # and our layer loads bitsandbytes' state dict back
     other = NF4Linear.from_linear(_linear(128, 40, seed=9), double_quant=False)
     other.load_state_dict(ref.state_dict())
     assert torch.equal(other.weight, layer.weight)
-    torch.testing.assert_close(other(x), layer(x), atol=0, rtol=0)
+    assert_bits_equal(other(x), layer(x))
 
 
 def test_dtype_casts_leave_quant_state_alone():
@@ -132,7 +133,7 @@ def test_to_linear_and_rejects_non_2d():
     layer = NF4Linear.from_linear(lin)
     dense = layer.to_linear(torch.bfloat16)
     assert isinstance(dense, nn.Linear) and dense.weight.dtype == torch.bfloat16
-    torch.testing.assert_close(dense.weight, layer.dequantize(torch.bfloat16), atol=0, rtol=0)
+    assert_bits_equal(dense.weight, layer.dequantize(torch.bfloat16))
     packed, state = quantize_nf4(torch.randn(4, 4, 4))
     with pytest.raises(ValueError, match="2-D"):
         NF4Linear(packed, state)

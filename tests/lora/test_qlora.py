@@ -220,3 +220,25 @@ def test_load_quantized_into_meta_skeleton(tmp_path):
     ids = _batch(2, 12)
     with torch.no_grad():
         torch.testing.assert_close(skeleton(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_trainable_summary_and_adapter_selection_over_packed_parameters():
+    """The packed NF4 weight is a frozen uint8 Parameter: never selected as an adapter tensor,
+    counted as the weights it stands for, exactly as peft counts bitsandbytes' Params4bit."""
+    from peft import LoraConfig, get_peft_model
+    targets = ["q_proj", "v_proj", "down_proj"]
+    ref = _bnb_quantize(llama64(), torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = get_peft_model(ref, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    ours = add_lora(lora.quantize_model(llama64()), LoRAConfig(r=4, alpha=8, target_modules=targets))
+    trainable, total = ref.get_nb_trainable_parameters()
+    assert lora.trainable_summary(ours) == (f"trainable params: {trainable:,d} || all params: "
+                                            f"{total:,d} || trainable%: {100 * trainable / total:.4f}")
+    assert total == sum(p.numel() for p in llama64().parameters()) + trainable  # dense + adapters
+    packed = [p for m in ours.modules() if isinstance(m, NF4Linear) for p in m.parameters()
+              if p.dtype == torch.uint8]
+    assert packed and not any(p.requires_grad for p in packed)
+    chosen = {id(p) for p in lora.lora_parameters(ours)}
+    assert not chosen & {id(p) for p in packed}
+    assert all(p.dtype == torch.float32 for p in lora.lora_parameters(ours))

@@ -37,7 +37,9 @@ def test_answer_accuracy_matches_one_prompt_at_a_time(wrap):
 
 @pytest.mark.parametrize("method", ["head", "prompt", "ptuning", "lora", "qlora"])
 def test_adapter_save_load_round_trip(tmp_path, method):
-    cfg = ModelConfig(method=method, n_virtual=4, lora_r=2, target_modules=("query", "value"))
+    knobs = {"prompt": {"n_virtual": 4}, "ptuning": {"n_virtual": 4}, "head": {},
+             "lora": {"lora_r": 2, "target_modules": ("query", "value")}}
+    cfg = ModelConfig(method=method, **knobs.get(method, knobs["lora"]))
     torch.manual_seed(0)
     model = build_adapted(tiny_bert_classifier(num_labels=2), cfg, "seq_cls", tiny_tokenizer())
     assert 0 < count_trainable(model) < sum(p.numel() for p in model.parameters())
