@@ -79,7 +79,7 @@ if stack == "ours":
     from train.adapters import build_adapted, nf4_config
     from train.config import ModelConfig
     from train.models import load_backbone
-    quantize = nf4_config("causal_lm", dtype) if method == "qlora" else None
+    quantize = nf4_config(None, "causal_lm", dtype) if method == "qlora" else None
     model = load_backbone(folder, "causal_lm", dtype=dtype, quantize=quantize)
     report = lora.memory_report(model) if method == "qlora" else None
     model = build_adapted(model, ModelConfig(method=method, lora_r=8, lora_alpha=16,
