@@ -33,7 +33,7 @@ from train.loop import train  # noqa: E402
 from train.models import load_backbone  # noqa: E402
 from train.run import build_model, dataclass_replace, prepare, score  # noqa: E402
 
-ROWS = ("prompt", "ptuning", "lora", "qlora", "smollm2-lora")  # the head-only baseline has no peft form
+ROWS = ("prompt", "ptuning", "prefix", "lora", "qlora", "smollm2-lora")  # the head-only baseline has no peft form
 
 
 def peft_model(p, row: str):
@@ -48,6 +48,10 @@ def peft_model(p, row: str):
     elif m.method == "ptuning":
         cfg = peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=m.n_virtual,
                                        encoder_reparameterization_type="MLP")
+    elif m.method == "prefix":
+        cfg = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=m.n_virtual,
+                                      prefix_projection=m.prefix_projection,
+                                      encoder_hidden_size=m.encoder_hidden or None)
     else:
         if m.method == "qlora":
             from benchmarks._backbones import bnb_quantize

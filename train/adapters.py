@@ -3,6 +3,7 @@
 - ``head``: freeze the backbone, train only its classification head (the baseline);
 - ``prompt`` / ``ptuning``: ``softprompt.PromptModel`` (the head trains too for classification,
   as in peft);
+- ``prefix``: ``softprompt.PrefixModel`` (per-layer key/value prefixes; the head trains too);
 - ``lora``: ``lora.add_lora`` (for classification the head gets a trained copy, as in peft);
 - ``qlora``: ``lora.quantize_model`` (NF4 base) then ``add_lora``;
 - ``ia3``: ``lora.add_ia3`` (for classification the head gets a trained copy, as in peft).
@@ -80,6 +81,11 @@ def _build(backbone: torch.nn.Module, cfg: ModelConfig, task: str, tokenizer) ->
                             encoder=cfg.encoder, encoder_hidden=cfg.encoder_hidden or None,
                             pool=cfg.prompt_pool if task == "seq_cls" else "backbone")
         return PromptModel(backbone, pcfg, tokenizer=tokenizer, task=task)
+    if method == "prefix":
+        from softprompt import PrefixConfig, PrefixModel
+        xcfg = PrefixConfig(n_virtual=cfg.n_virtual, projection=cfg.prefix_projection,
+                            encoder_hidden=cfg.encoder_hidden or None)
+        return PrefixModel(backbone, xcfg, task=task)
     if method in ("lora", "qlora", "ia3"):
         import lora
         heads = ((head_name(backbone),) if task == "seq_cls" else ()) + cfg.modules_to_save
@@ -105,7 +111,7 @@ def _build(backbone: torch.nn.Module, cfg: ModelConfig, task: str, tokenizer) ->
         if task == "seq_cls":
             getattr(backbone, head_name(backbone)).requires_grad_(True)
         return backbone
-    raise ValueError(f"method={method!r}; expected prompt, ptuning, lora, qlora, ia3, bottleneck or head")
+    raise ValueError(f"method={method!r}; expected prompt, ptuning, prefix, lora, qlora, ia3, bottleneck or head")
 
 
 def _targets(names: tuple):
@@ -163,6 +169,9 @@ def save_adapted(model: torch.nn.Module, method: str, folder: Path) -> Path:
     elif method in ("prompt", "ptuning"):
         from softprompt import save_prompt
         save_prompt(model, folder)
+    elif method == "prefix":
+        from softprompt import save_prefix
+        save_prefix(model, folder)
     elif method in ("lora", "qlora", "ia3"):
         from lora import save_lora
         save_lora(model, folder)
@@ -172,7 +181,7 @@ def save_adapted(model: torch.nn.Module, method: str, folder: Path) -> Path:
         if _head_or_none(model):  # a classifier: its head trained too
             save_adapted(model, "head", folder)
     else:
-        raise ValueError(f"method={method!r}; expected prompt, ptuning, lora, qlora, ia3, bottleneck or head")
+        raise ValueError(f"method={method!r}; expected prompt, ptuning, prefix, lora, qlora, ia3, bottleneck or head")
     return folder
 
 
@@ -222,6 +231,9 @@ def load_adapted(backbone: torch.nn.Module, method: str, folder: Path,
     if method in ("prompt", "ptuning"):
         from softprompt import load_prompt
         return load_prompt(backbone, folder, check_finite=check_finite)
+    if method == "prefix":
+        from softprompt import load_prefix
+        return load_prefix(backbone, folder)
     if method in ("lora", "qlora", "ia3"):
         import lora
         if method == "qlora":
@@ -235,7 +247,7 @@ def load_adapted(backbone: torch.nn.Module, method: str, folder: Path,
         lora.load_bottleneck(backbone, folder)
         return (load_adapted(backbone, "head", folder, check_finite=check_finite)
                 if (folder / HEAD_WEIGHTS).is_file() else backbone)
-    raise ValueError(f"method={method!r}; expected prompt, ptuning, lora, qlora, ia3, bottleneck or head")
+    raise ValueError(f"method={method!r}; expected prompt, ptuning, prefix, lora, qlora, ia3, bottleneck or head")
 
 
 def _head_or_none(model: torch.nn.Module) -> str:

@@ -16,7 +16,7 @@ from typing import Optional
 __all__ = ["METHODS", "PRECISIONS", "SCHEDULES", "ModelConfig", "DataConfig", "LoopConfig",
            "RunConfig", "default_lr"]
 
-METHODS = ("prompt", "ptuning", "lora", "qlora", "ia3", "bottleneck", "head")
+METHODS = ("prompt", "ptuning", "prefix", "lora", "qlora", "ia3", "bottleneck", "head")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("linear", "cosine", "constant")
 DISTRIBUTED = ("ddp", "fsdp2")  # multi-process strategies (train.distributed.STRATEGIES)
@@ -25,7 +25,7 @@ TASKS = ("auto", "classify", "instruct")
 
 # Learning rates that suit each method on the bundled data (prompts need a much larger step
 # than weights; these follow the usual published settings for each method).
-_DEFAULT_LR = {"head": 1e-2, "prompt": 3e-2, "ptuning": 1e-2, "lora": 5e-4, "qlora": 5e-4, "ia3": 1e-2, "bottleneck": 1e-3}
+_DEFAULT_LR = {"head": 1e-2, "prompt": 3e-2, "ptuning": 1e-2, "prefix": 1e-2, "lora": 5e-4, "qlora": 5e-4, "ia3": 1e-2, "bottleneck": 1e-3}
 NF4_COMPUTE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -68,9 +68,9 @@ def _check_types(obj) -> None:
 # method-specific fields -> the methods that read them; a changed value under another method
 # would be silently ignored, so it is an error
 _USED_BY = {
-    "n_virtual": ("prompt", "ptuning"), "prompt_init": ("prompt", "ptuning"),
+    "n_virtual": ("prompt", "ptuning", "prefix"), "prompt_init": ("prompt", "ptuning"),
     "prompt_init_text": ("prompt", "ptuning"), "prompt_pool": ("prompt", "ptuning"),
-    "encoder": ("ptuning",), "encoder_hidden": ("ptuning",),
+    "encoder": ("ptuning",), "encoder_hidden": ("ptuning", "prefix"), "prefix_projection": ("prefix",),
     "lora_r": ("lora", "qlora"), "lora_alpha": ("lora", "qlora"), "lora_dropout": ("lora", "qlora"),
     "use_rslora": ("lora", "qlora"), "use_dora": ("lora", "qlora"), "train_bias": ("lora", "qlora"),
     "rank_pattern": ("lora", "qlora"), "alpha_pattern": ("lora", "qlora"),
@@ -94,14 +94,15 @@ def _check_used(cfg) -> None:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    method: str = "lora"            # prompt | ptuning | lora | qlora | ia3 | bottleneck | head (classifier head only)
+    method: str = "lora"            # prompt | ptuning | prefix | lora | qlora | ia3 | bottleneck | head (classifier head only)
     model: str = "minilm"           # bundled name (minilm, smollm2), a local Hugging Face folder or a cached hub id (org/name)
     base_dtype: str = "fp32"        # dtype of the frozen base weights: fp32 | bf16 | fp16 (adapters stay fp32)
-    n_virtual: int = 20             # prompt / ptuning: number of virtual tokens
+    n_virtual: int = 20             # prompt / ptuning / prefix: number of virtual tokens
     prompt_init: str = "random"     # prompt / ptuning: random | text | vocab (ptuning: the encoder's input table)
     prompt_init_text: str = ""      # prompt_init=text: the text whose embeddings seed the table
     encoder: str = "mlp"            # ptuning: mlp | lstm reparameterization
-    encoder_hidden: int = 0         # ptuning: encoder width; 0 means the model's hidden size
+    encoder_hidden: int = 0         # ptuning, prefix with projection: encoder width; 0 = hidden size (prefix: kv width)
+    prefix_projection: bool = False  # prefix: reparameterize the prefixes through an MLP (peft: prefix_projection)
     prompt_pool: str = "backbone"   # prompt / ptuning classifiers: backbone (peft: pools the first virtual token) | real_cls
     lora_r: int = 8                 # lora / qlora: rank
     lora_alpha: float = 8.0         # lora / qlora: scaling numerator (scaling = alpha / r)

@@ -1,8 +1,8 @@
 """``python -m train demo`` / ``make demo``: every method on the bundled data, one table.
 
 MiniLM-L6 learns Rotten Tomatoes sentiment as a classifier with each method (the head-only
-baseline, prompt tuning, P-Tuning, LoRA, QLoRA, IA3); SmolLM2-135M-Instruct learns the same labels
-as an instruction task with LoRA ("Human: Is the sentiment ... positive or negative?\\n<review>
+baseline, prompt tuning, P-Tuning, prefix tuning, LoRA, QLoRA, IA3); SmolLM2-135M-Instruct learns the
+same labels as an instruction task with LoRA ("Human: Is the sentiment ... positive or negative?\\n<review>
 \\n\\nAssistant: " -> "positive" / "negative"), scored by comparing the two answer tokens'
 logits. Accuracy is measured on the held-out split before and after training.
 
@@ -30,9 +30,9 @@ log = logging.getLogger(__name__)
 # The default fits a 2-core CPU in under 10 minutes with bf16 autocast; --full is the anchor
 # budget in fp32 (400 steps of batch 16; SmolLM2 300 steps of batch 8 at lr 2e-4).
 _QUICK = {"precision": "bf16", "mini_steps": 200, "smol": (80, 1e-3, 200),
-          "lr": {"head": 1e-2, "prompt": 3e-2, "ptuning": 1e-2, "lora": 1e-3, "qlora": 1e-3, "ia3": 1e-2}}
+          "lr": {"head": 1e-2, "prompt": 3e-2, "ptuning": 1e-2, "prefix": 1e-2, "lora": 1e-3, "qlora": 1e-3, "ia3": 1e-2}}
 _FULL = {"precision": "fp32", "mini_steps": 400, "smol": (300, 2e-4, 400),
-         "lr": {"head": 1e-2, "prompt": 3e-2, "ptuning": 1e-2, "lora": 5e-4, "qlora": 5e-4, "ia3": 1e-2}}
+         "lr": {"head": 1e-2, "prompt": 3e-2, "ptuning": 1e-2, "prefix": 1e-2, "lora": 5e-4, "qlora": 5e-4, "ia3": 1e-2}}
 
 
 def demo_rows(full: bool = False) -> dict[str, RunConfig]:
@@ -50,6 +50,7 @@ def demo_rows(full: bool = False) -> dict[str, RunConfig]:
         "head": mini("head"),
         "prompt": mini("prompt", n_virtual=20),
         "ptuning": mini("ptuning", n_virtual=20, encoder="mlp"),
+        "prefix": mini("prefix", n_virtual=20),
         "lora": mini("lora", **lora_knobs),
         "qlora": mini("qlora", **lora_knobs),
         "ia3": mini("ia3"),  # bert defaults: key, value, output.dense (feed-forward side)

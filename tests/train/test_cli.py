@@ -53,7 +53,20 @@ def test_lora_on_a_causal_folder_then_eval_and_generate(folders, tmp_path, capsy
     assert "Assistant: " in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("method", ["head", "prompt", "ptuning", "lora"])
+def test_prefix_with_projection_on_a_causal_folder_then_generate(folders, tmp_path, capsys):
+    out = tmp_path / "prefix"
+    assert _train(folders, out, "--model", str(folders / "tiny-llama"), "--data", str(folders / "chat.jsonl"),
+                  "--method", "prefix", "--n-virtual", "3", "--prefix-projection", "--encoder-hidden", "12",
+                  "--max-length", "32") == 0
+    peft_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert peft_cfg["peft_type"] == "PREFIX_TUNING" and peft_cfg["prefix_projection"] is True
+    assert peft_cfg["encoder_hidden_size"] == 12 and peft_cfg["num_virtual_tokens"] == 3
+    capsys.readouterr()
+    assert main(["generate", str(out), "Say hello", "--max-new-tokens", "3"]) == 0
+    assert "Assistant: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["head", "prompt", "ptuning", "prefix", "lora"])
 def test_classifier_methods_on_a_csv(folders, tmp_path, capsys, method):
     out = tmp_path / method
     assert _train(folders, out, "--model", str(folders / "tiny-bert"), "--data", str(folders / "reviews.csv"),
@@ -79,6 +92,7 @@ def test_json_config_file_and_flag_priority(folders, tmp_path):
 @pytest.mark.parametrize("flags,match", [
     (["--data", "/nonexistent/data.csv"], r"is neither a bundled name .* nor an existing file"),
     (["--method", "adapterx"], "method='adapterx'; expected one of"),
+    (["--method", "lora", "--prefix-projection"], "prefix_projection=True is only used by method prefix"),
     (["--lr", "0"], "lr=0.0; expected a positive finite learning rate"),
     (["--lr=-1e-3"], "lr=-0.001; expected a positive"),
     (["--batch-size", "0"], "batch_size=0; expected an integer > 0"),

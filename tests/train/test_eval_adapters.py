@@ -35,9 +35,9 @@ def test_answer_accuracy_matches_one_prompt_at_a_time(wrap):
     assert 0 < expected < len(examples)  # a random model gets some right and some wrong
 
 
-@pytest.mark.parametrize("method", ["head", "prompt", "ptuning", "lora", "qlora"])
+@pytest.mark.parametrize("method", ["head", "prompt", "ptuning", "prefix", "lora", "qlora"])
 def test_adapter_save_load_round_trip(tmp_path, method):
-    knobs = {"prompt": {"n_virtual": 4}, "ptuning": {"n_virtual": 4}, "head": {},
+    knobs = {"prompt": {"n_virtual": 4}, "ptuning": {"n_virtual": 4}, "prefix": {"n_virtual": 4}, "head": {},
              "lora": {"lora_r": 2, "target_modules": ("query", "value")}}
     cfg = ModelConfig(method=method, **knobs.get(method, knobs["lora"]))
     torch.manual_seed(0)
