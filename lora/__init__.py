@@ -15,6 +15,7 @@ from .nf4 import NF4State, dequantize_nf4, quantize_nf4
 from .nf4_linear import NF4Linear
 from .quantize import (QuantReport, dequantize_model, load_quantized, memory_report,
                        quantize_model, save_quantized)
+from .stream import NF4Config, TensorFiles, load_streamed
 from .summary import trainable_summary
 from .targets import DEFAULT_TARGETS, IA3_DEFAULT_TARGETS, IA3_FEEDFORWARD, LINEAR_TYPES, LORA_TYPES
 
@@ -27,4 +28,5 @@ __all__ = [
     "NF4State", "memory_report", "QuantReport", "save_quantized", "load_quantized",
     "BottleneckConfig", "BottleneckAdapter", "add_bottleneck", "remove_bottleneck", "bottleneck_parameters",
     "bottleneck_state_dict", "save_bottleneck", "load_bottleneck",
+    "NF4Config", "TensorFiles", "load_streamed",
 ]

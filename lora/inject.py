@@ -19,6 +19,7 @@ from .base import AdapterLayer
 from .config import LoRAConfig
 from .embedding import LoRAEmbedding
 from .heads import TrainedCopy
+from .hf_save import refresh_save_guard
 from .layer import LoRALinear
 from .targets import resolve_heads, resolve_targets
 
@@ -141,6 +142,7 @@ def inject_adapters(model: nn.Module, config: Any, targets: Sequence[str],
     setattr(model, _STATE, AdapterState(config=config, requires_grad=flags))
     for p in lora_parameters(model):
         p.requires_grad_(True)
+    refresh_save_guard(model)  # transformers' save_pretrained would lose the base weights
     return model
 
 
@@ -236,6 +238,7 @@ def remove_lora(model: nn.Module, merge: bool = False) -> nn.Module:
     delattr(model, _STATE)
     for n, p in model.named_parameters():
         p.requires_grad_(state.requires_grad.get(n, p.requires_grad))
+    refresh_save_guard(model)
     return model
 
 

@@ -1,10 +1,11 @@
 """Quantize a whole model to NF4 in place, undo it, report its size, save and load it.
 
-``quantize_model`` swaps every ``nn.Linear`` (except the output head and LoRA's own A/B
-matrices) for an ``NF4Linear``, one layer at a time, dropping each dense weight as soon as its
-4-bit copy exists. Given ``checkpoint=`` (a safetensors file) the model may live on the meta
-device: each tensor is then read from the file only when its layer is quantized, so peak memory
-stays near the quantized size plus one dense layer.
+``quantize_model`` swaps every ``nn.Linear`` and transformers ``Conv1D`` (except the output
+head, tied weights and LoRA's own A/B matrices) for an ``NF4Linear``, one layer at a time,
+dropping each dense weight as soon as its 4-bit copy exists. Given ``checkpoint=`` (safetensors
+file(s)) the model may live on the meta device: ``lora.stream.load_streamed`` then reads each
+tensor only when its layer is quantized, so peak memory stays near the quantized size plus one
+dense layer.
 
 ``dequantize_model`` turns every ``NF4Linear`` (including a LoRALinear's base) back into an
 ``nn.Linear`` in a 16/32-bit dtype, the step before merging adapters; calling
@@ -13,9 +14,7 @@ stays near the quantized size plus one dense layer.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import struct
 from typing import Optional, Sequence
 
 import torch
@@ -23,131 +22,53 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .atomic import atomic_write
+from .hf_save import refresh_save_guard
 from .nf4_linear import NF4Linear, quant_state_from_tensors
+from .stream import NF4Config, _materialize_leftovers, _parent, _quantizable, _tie_groups, nf4_layer
 
 _ADAPTER_CHILDREN = ("lora_A", "lora_B")  # LoRA's trainable linears are never quantized
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-              "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-class _TensorFile:
-    """Reads single tensors of a safetensors file with plain file reads.
-
-    Unlike a memory map, nothing of the file stays resident after a tensor is read, so the
-    process holds only the tensors it keeps.
-    """
-
-    def __init__(self, path: str | os.PathLike, device: torch.device | str) -> None:
-        self.path, self.device = os.fspath(path), device
-        with open(self.path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        header.pop("__metadata__", None)
-        self.start = 8 + size
-        self.entries = header  # name -> {"dtype", "shape", "data_offsets": [begin, end]}
-
-    def keys(self) -> set[str]:
-        return set(self.entries)
-
-    def get_tensor(self, name: str) -> torch.Tensor:
-        entry = self.entries[name]
-        begin, end = entry["data_offsets"]
-        dtype = _ST_DTYPES[entry["dtype"]]
-        out = torch.empty(entry["shape"], dtype=dtype)
-        if end > begin:
-            with open(self.path, "rb") as f:
-                f.seek(self.start + begin)
-                f.readinto(out.view(-1).view(torch.uint8).numpy())  # straight into the tensor
-        return out.to(self.device)
-
-
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, attr = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), attr
 
 
 def quantize_model(model: nn.Module, skip: Sequence[str] = ("lm_head",), blocksize: int = 64,
                    double_quant: bool = True, compute_dtype: Optional[torch.dtype] = None,
                    quant_type: str = "nf4", rounding: str = "auto",
-                   checkpoint: Optional[str | os.PathLike] = None,
+                   checkpoint: Optional[str | os.PathLike | Sequence[str | os.PathLike]] = None,
                    device: torch.device | str = "cpu") -> nn.Module:
-    """Replace the model's ``nn.Linear`` layers by ``NF4Linear``, in place, layer by layer.
+    """Replace the model's ``nn.Linear`` and ``Conv1D`` layers by ``NF4Linear``, in place.
 
     Args:
         model: any module; with ``checkpoint`` it may be on the meta device.
-        skip: module names (exact or dotted suffix) left dense, e.g. the output head.
+        skip: module names (exact or dotted suffix) left dense, e.g. the output head. A linear
+            whose weight is tied to another tensor always stays dense.
         blocksize, double_quant, quant_type, rounding: see ``lora.nf4.quantize_nf4``.
         compute_dtype: matmul dtype of the quantized layers (None: the input's dtype).
-        checkpoint: optional safetensors file with the dense weights (``model.state_dict()``
-            names); every tensor of the model is read from it.
+        checkpoint: optional safetensors file (or the files of a sharded checkpoint) with the
+            dense weights; every tensor is read from it (``lora.stream.load_streamed``), tied
+            weights are tied again.
         device: where tensors read from ``checkpoint`` are placed.
     Returns:
         The same model object.
     """
-    reader = _TensorFile(checkpoint, device) if checkpoint else None
+    cfg = NF4Config(skip=tuple(skip), blocksize=blocksize, double_quant=double_quant,
+                    quant_type=quant_type, compute_dtype=compute_dtype, rounding=rounding)
+    if checkpoint is not None:
+        from .stream import load_streamed
+        return load_streamed(model, checkpoint, quantize=cfg, device=device)
+    tied = {n for names in _tie_groups(model).values() for n in names}
     done: dict[int, NF4Linear] = {}  # id(linear) -> its replacement (shared modules stay shared)
     # names only: a list of modules would keep every dense weight alive until the end
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and not _matches(n, skip)]
+    names = [n for n, m in model.named_modules() if _quantizable(n, m, cfg, tied)]
     for name in names:
         parent, attr = _parent(model, name)
         module = getattr(parent, attr)
         if attr in _ADAPTER_CHILDREN and hasattr(parent, "base_layer"):
             continue
         if id(module) not in done:
-            if reader is not None:
-                _load_params(module, name, reader)
-            done[id(module)] = NF4Linear.from_linear(module, blocksize, double_quant,
-                                                     compute_dtype, quant_type, rounding)
+            done[id(module)] = nf4_layer(module, cfg)
         setattr(parent, attr, done[id(module)])  # the dense weight is freed here
         del module
-    if reader is not None:  # everything that stayed dense
-        for name, module in model.named_modules():
-            if not isinstance(module, NF4Linear):
-                _load_params(module, name, reader)
-        _materialize_leftovers(model, device)
+    refresh_save_guard(model)
     return model
-
-
-def _materialize_leftovers(model: nn.Module, device: torch.device | str) -> None:
-    """Give meta-device modules that no file holds (e.g. rotary ``inv_freq``, a non-persistent
-    buffer) real storage, filled by the model's own initializer.
-
-    Raises:
-        ValueError: naming modules left partly on the meta device.
-    """
-    init = getattr(model, "_init_weights", None)
-    left = []
-    for name, module in model.named_modules():
-        own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
-        if not any(t.is_meta for t in own):
-            continue
-        if init is not None and all(t.is_meta for t in own):  # nothing of it was loaded
-            module.to_empty(device=device, recurse=False)
-            init(module)
-        else:
-            left.append(name)
-    if left:
-        raise ValueError(f"modules still (partly) on the meta device after loading: {left}")
-
-
-def _load_params(module: nn.Module, name: str, reader: _TensorFile) -> None:
-    """Materialize the module's own parameters and buffers from a safetensors reader."""
-    keys = set(reader.keys())
-    prefix = name + "." if name else ""
-    for kind in ("_parameters", "_buffers"):
-        for pname, value in list(getattr(module, kind).items()):
-            key = prefix + pname
-            if value is None or key not in keys:
-                continue
-            tensor = reader.get_tensor(key)
-            if kind == "_parameters":
-                tensor = nn.Parameter(tensor, requires_grad=value.requires_grad)
-            getattr(module, kind)[pname] = tensor
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
@@ -163,6 +84,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
         if isinstance(module, NF4Linear):
             parent, attr = _parent(model, name)
             setattr(parent, attr, module.to_linear(dtype))
+    refresh_save_guard(model)
     return model
 
 
@@ -259,4 +181,5 @@ def load_quantized(model: nn.Module, path: str | os.PathLike,
     if missing or result.unexpected_keys:
         raise KeyError(f"load_quantized({os.fspath(path)!r}): missing keys {missing}, "
                        f"unexpected keys {list(result.unexpected_keys)}")
+    refresh_save_guard(model)
     return model

@@ -25,7 +25,7 @@ from .atomic import atomic_write, write_json_atomic
 from .config import ModelConfig, pattern_dict
 
 __all__ = ["build_adapted", "save_adapted", "load_adapted", "count_trainable", "adapter_bytes",
-           "qlora_available", "head_name"]
+           "qlora_available", "head_name", "nf4_config"]
 
 log = logging.getLogger(__name__)
 _HEADS = ("classifier", "score")  # classification head attribute names in transformers
@@ -127,20 +127,33 @@ def _targets(names: tuple):
 _NF4_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _quantize(backbone: torch.nn.Module, cfg: Optional[ModelConfig], heads: tuple) -> None:
-    """The NF4 base of method ``qlora`` with the config's NF4 options (defaults when ``cfg`` is None)."""
+def nf4_config(cfg: Optional[ModelConfig], task: str, dtype: torch.dtype, heads: tuple = ()):
+    """The ``lora.NF4Config`` of method ``qlora`` for a base of ``dtype`` (``cfg``'s NF4 options;
+    defaults when None): the heads stay dense, compute in the base dtype unless set."""
     import lora
-    if not qlora_available():
-        raise RuntimeError("method 'qlora' needs lora.quantize_model, which this install lacks")
     cfg = cfg or ModelConfig(method="qlora")
-    skip = cfg.nf4_skip or heads or ("lm_head",)
-    dtype = next(backbone.parameters()).dtype
+    heads = heads or (_HEADS if task == "seq_cls" else ())
     if cfg.nf4_compute_dtype == "auto":
         compute = None if dtype == torch.float32 else dtype
     else:
         compute = _NF4_DTYPES[cfg.nf4_compute_dtype]
-    lora.quantize_model(backbone, skip=skip, blocksize=cfg.nf4_blocksize, double_quant=cfg.nf4_double_quant,
-                        compute_dtype=compute, quant_type=cfg.nf4_quant_type)
+    return lora.NF4Config(skip=cfg.nf4_skip or heads or ("lm_head",), blocksize=cfg.nf4_blocksize,
+                          double_quant=cfg.nf4_double_quant, compute_dtype=compute,
+                          quant_type=cfg.nf4_quant_type)
+
+
+def _quantize(backbone: torch.nn.Module, cfg: Optional[ModelConfig], heads: tuple) -> None:
+    """The NF4 base of method ``qlora``; a backbone loaded already in 4 bits
+    (``load_backbone(quantize=...)``) is left as it is."""
+    import lora
+    if not qlora_available():
+        raise RuntimeError("method 'qlora' needs lora.quantize_model, which this install lacks")
+    if any(isinstance(m, lora.NF4Linear) for m in backbone.modules()):
+        return
+    task = "seq_cls" if heads else "causal_lm"
+    q = nf4_config(cfg, task, next(backbone.parameters()).dtype, heads)
+    lora.quantize_model(backbone, skip=q.skip, blocksize=q.blocksize, double_quant=q.double_quant,
+                        compute_dtype=q.compute_dtype, quant_type=q.quant_type)
 
 
 def save_adapted(model: torch.nn.Module, method: str, folder: Path) -> Path:

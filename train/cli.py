@@ -134,8 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_run(run_dir: Path, eval_data: Optional[str] = None):
     from . import adapters
-    from .run import LABELS_FILE, RUN_CONFIG, dataclass_replace, prepare
-    from .models import load_backbone
+    from .run import LABELS_FILE, RUN_CONFIG, dataclass_replace, load_base, prepare
     cfg_path = run_dir / RUN_CONFIG
     if not cfg_path.is_file() or not (run_dir / "adapter").is_dir():
         raise FileNotFoundError(f"{run_dir} is not a finished run folder (needs {RUN_CONFIG} and adapter/)")
@@ -156,10 +155,7 @@ def _load_run(run_dir: Path, eval_data: Optional[str] = None):
         raise ValueError(f"{saved} lists labels {json.loads(saved.read_text())['labels']} but the run's training "
                          f"data now gives {list(p.labels or ())}; the data changed since training")
     from .loop import resolve_device
-    from .run import BASE_DTYPES, name_model
-    backbone = load_backbone(p.folder, p.task, num_labels=p.num_labels, dtype=BASE_DTYPES[cfg.model.base_dtype])
-    name_model(backbone, cfg.model.model)
-    backbone.to(resolve_device(cfg.loop.device))
+    backbone = load_base(cfg, p.folder, p.task, resolve_device(cfg.loop.device), num_labels=p.num_labels)
     model = adapters.load_adapted(backbone, cfg.model.method, run_dir / "adapter", cfg=cfg.model)
     return cfg, p, model.eval()
 

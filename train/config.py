@@ -96,7 +96,7 @@ def _check_used(cfg) -> None:
 @dataclass(frozen=True)
 class ModelConfig:
     method: str = "lora"            # prompt | ptuning | prefix | lora | qlora | ia3 | bottleneck | head (classifier head only)
-    model: str = "minilm"           # bundled name (minilm, smollm2) or a local Hugging Face folder
+    model: str = "minilm"           # bundled name (minilm, smollm2), a local Hugging Face folder or a cached hub id (org/name)
     base_dtype: str = "fp32"        # dtype of the frozen base weights: fp32 | bf16 | fp16 (adapters stay fp32)
     n_virtual: int = 20             # prompt / ptuning / prefix: number of virtual tokens
     prompt_init: str = "random"     # prompt / ptuning: random | text | vocab (ptuning: the encoder's input table)

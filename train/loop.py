@@ -30,6 +30,7 @@ from .atomic import atomic_write_text
 from .checkpoint import latest_checkpoint, load_checkpoint, named_trainable, remove_orphans, save_checkpoint
 from .config import LoopConfig
 from .loss import batch_loss
+from .memory import release_freed_memory
 from .metrics import open_board
 from .plot import plot_loss, read_metrics
 from .schedule import lr_factor
@@ -294,6 +295,8 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device.type == "cpu":
+            release_freed_memory()  # the step's activations, freed, go back to the OS (train/memory.py)
         if world > 1:
             dist.all_reduce(loss_sum)
         step_loss = float(loss_sum / total) if total > 0 else float("nan")

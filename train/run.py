@@ -34,7 +34,7 @@ from .packing import check_packing, disable_cache, loop_batches
 from .runlock import hold_run_folder
 from .templates import render, resolve_template
 
-__all__ = ["Prepared", "prepare", "build_model", "score", "run", "RUN_CONFIG", "LABELS_FILE"]
+__all__ = ["Prepared", "prepare", "load_base", "build_model", "score", "run", "RUN_CONFIG", "LABELS_FILE"]
 
 log = logging.getLogger(__name__)
 RUN_CONFIG = "config.json"
@@ -190,17 +190,26 @@ def prepare(cfg: RunConfig) -> Prepared:
 BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def load_base(cfg: RunConfig, folder: Path, task: str, device: Optional[torch.device] = None,
+              num_labels: Optional[int] = None) -> torch.nn.Module:
+    """The run's frozen backbone, streamed onto ``device`` in ``--base-dtype``; for ``qlora``
+    its linear layers (all but the heads / ``--nf4-skip``) become NF4 as they are read.
+    ``num_labels``: classes of a classifier head (default: ``cfg.data.num_labels``)."""
+    dtype = BASE_DTYPES[cfg.model.base_dtype]
+    quantize = adapters.nf4_config(cfg.model, task, dtype) if cfg.model.method == "qlora" else None
+    backbone = load_backbone(folder, task, num_labels=num_labels or cfg.data.num_labels, dtype=dtype,
+                             quantize=quantize, device=device or "cpu")
+    name_model(backbone, cfg.model.model)
+    return backbone
+
+
 def build_model(p: Prepared, device: Optional[torch.device] = None) -> torch.nn.Module:
     """The backbone (seeded, so a new classifier head is the same each run) with its adapter.
 
-    The backbone moves to ``device`` before the adapter is built, so QLoRA quantizes there.
+    The backbone is loaded straight onto ``device``, so QLoRA quantizes there.
     """
     torch.manual_seed(p.cfg.loop.seed)
-    backbone = load_backbone(p.folder, p.task, num_labels=p.num_labels,
-                             dtype=BASE_DTYPES[p.cfg.model.base_dtype])
-    name_model(backbone, p.cfg.model.model)
-    if device is not None:
-        backbone.to(device)
+    backbone = load_base(p.cfg, p.folder, p.task, device, num_labels=p.num_labels)
     return adapters.build_adapted(backbone, p.cfg.model, p.task, p.tokenizer)
 
 
