@@ -14,15 +14,16 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_write, atomic_write_text
+from .io import copy_checked
 from .bottleneck import BottleneckConfig
 from .bottleneck_inject import (Layout, add_bottleneck, bottleneck_state, bottleneck_state_dict, bottleneck_tensors,
                                 layer_list, layout_of, remove_bottleneck)
@@ -37,18 +38,6 @@ FORMAT_VERSION = 1
 _HUB_UNSUPPORTED = {"architecture": (None, "bottleneck"), "is_parallel": (False,), "use_gating": (False,),
                     "phm_layer": (False,), "inv_adapter": (None,), "stochastic_depth": (0, 0.0, None)}
 _FIELDS = tuple(f.name for f in dataclasses.fields(BottleneckConfig))
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def config_dict(model: nn.Module) -> dict[str, Any]:
@@ -66,8 +55,8 @@ def save_bottleneck(model: nn.Module, folder: Union[str, os.PathLike]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to("cpu").clone().contiguous() for k, v in bottleneck_state_dict(model).items()}
     text = json.dumps(config_dict(model), indent=2, sort_keys=True) + "\n"
-    _atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write_text(folder / CONFIG_NAME, text)
     return folder
 
 
@@ -184,16 +173,7 @@ def read_bottleneck(model: nn.Module, folder: Union[str, os.PathLike]
 def load_bottleneck_weights(model: nn.Module, tensors: dict[str, torch.Tensor], where: str = "adapter") -> None:
     """Copy tensors into the model's adapter; names every missing/unexpected key and shape
     mismatch and changes nothing when there is any."""
-    own = bottleneck_tensors(model)
-    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-    shapes = [f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(tensors)) if tensors[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{where} does not fit the model: missing keys {missing}; unexpected keys {unexpected}; "
-                         f"shape mismatches {shapes}")
-    with torch.no_grad():
-        for key, param in own.items():
-            param.copy_(tensors[key])
+    copy_checked(bottleneck_tensors(model), tensors, where)
 
 
 def load_bottleneck(model: nn.Module, folder: Union[str, os.PathLike]) -> nn.Module:

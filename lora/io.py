@@ -232,6 +232,12 @@ def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor], whe
     optional = {f"{n}.base_layer.weight": m.base_layer.weight for n, m in _wrappers(model)
                 if isinstance(m, LoRAEmbedding)}
     own = {**own, **{k: w for k, w in optional.items() if k in given}}
+    copy_checked(own, given, where)
+
+
+def copy_checked(own: dict[str, torch.Tensor], given: dict[str, torch.Tensor], where: str) -> None:
+    """Copy ``given`` into ``own`` (name -> model tensor); names every missing/unexpected key and
+    shape mismatch and changes nothing when there is any."""
     missing = sorted(set(own) - set(given))
     unexpected = sorted(set(given) - set(own))
     shapes = [f"{k}: file {tuple(given[k].shape)} vs model {tuple(own[k].shape)}"

@@ -213,6 +213,22 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from None
 
 
+def copy_checked(targets: dict[str, torch.Tensor], state: dict[str, torch.Tensor], where: str,
+                 optional: frozenset | set = frozenset()) -> None:
+    """Copy ``state`` into ``targets`` (name -> model tensor). Every missing, unexpected
+    (``optional`` keys may be present) or mis-shaped key is named, and nothing is changed then."""
+    missing = sorted(set(targets) - set(state))
+    unexpected = sorted(set(state) - set(targets) - set(optional))
+    bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+           for k, v in targets.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or bad:
+        raise ValueError(f"{where} does not fit this model: missing keys {missing}, unexpected keys "
+                         f"{unexpected}, shape mismatches {bad}")
+    with torch.no_grad():
+        for key, target in targets.items():
+            target.copy_(state[key].to(target.dtype))
+
+
 def _load_tensors(pm: PromptModel, state: dict[str, torch.Tensor], where: str = "adapter") -> None:
     """Copy every tensor in; name every missing, unexpected or mis-shaped key."""
     targets: dict[str, torch.Tensor] = {}
@@ -224,16 +240,7 @@ def _load_tensors(pm: PromptModel, state: dict[str, torch.Tensor], where: str = 
         head = pm.head.state_dict(keep_vars=True)
         targets.update({f"{HEAD_PREFIX}{pm.head_name}.{k}": v for k, v in head.items()})
     optional = {"prompt_embeddings"} if pm.config.method == "ptuning" else set()
-    missing = sorted(set(targets) - set(state))
-    unexpected = sorted(set(state) - set(targets) - optional)
-    bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-           for k, v in targets.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or bad:
-        raise ValueError(f"{where} does not fit this model: missing keys {missing}, unexpected keys "
-                         f"{unexpected}, shape mismatches {bad}")
-    with torch.no_grad():
-        for key, target in targets.items():
-            target.copy_(state[key].to(target.dtype))
+    copy_checked(targets, state, where, optional)
 
 
 def _first_attr(obj: Any, names: tuple[str, ...]) -> Any:

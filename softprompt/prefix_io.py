@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Union
 
@@ -21,7 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from softprompt.io import HEAD_PREFIX, PEFT_CONFIG, TASK_TYPES, WEIGHTS
+from softprompt.atomic import atomic_write, atomic_write_text
+from softprompt.io import HEAD_PREFIX, PEFT_CONFIG, TASK_TYPES, WEIGHTS, copy_checked
 from softprompt.prefix import PrefixModel
 from softprompt.prefix_config import PrefixConfig
 from softprompt.prefix_encoder import prefix_geometry
@@ -72,9 +72,8 @@ def save_prefix(pm: PrefixModel, folder: Union[str, os.PathLike]) -> None:
     """Write the adapter folder (atomically, file by file); created if missing."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(folder, WEIGHTS)
-    save_file(prefix_state_dict(pm), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / WEIGHTS)
+    tensors = prefix_state_dict(pm)
+    atomic_write(folder / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     _write_json(folder / PEFT_CONFIG, peft_prefix_config(pm))
     _write_json(folder / OUR_PREFIX_CONFIG, {"config": pm.config.to_dict(), "task": pm.task, "format_version": 1})
 
@@ -150,16 +149,7 @@ def _load_tensors(pm: PrefixModel, state: dict[str, torch.Tensor], folder: Path)
         head = pm.head.state_dict(keep_vars=True)
         targets.update({f"{HEAD_PREFIX}{pm.head_name}.{k}": v for k, v in head.items()})
     optional = {"prompt_embeddings"}  # always written; with the projection it is the MLP's output
-    missing = sorted(set(targets) - set(state))
-    unexpected = sorted(set(state) - set(targets) - optional)
-    bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-           for k, v in targets.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or bad:
-        raise ValueError(f"{folder / WEIGHTS} does not fit this model: missing keys {missing}, unexpected keys "
-                         f"{unexpected}, shape mismatches {bad}")
-    with torch.no_grad():
-        for key, target in targets.items():
-            target.copy_(state[key].to(target.dtype))
+    copy_checked(targets, state, str(folder / WEIGHTS), optional)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -171,14 +161,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _tmp_path(folder: Path, name: str) -> Path:
-    fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    return Path(path)
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = _tmp_path(path.parent, path.name)
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
