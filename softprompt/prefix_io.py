@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from softprompt.atomic import atomic_write, atomic_write_text
-from softprompt.io import HEAD_PREFIX, PEFT_CONFIG, TASK_TYPES, WEIGHTS, copy_checked
+from softprompt.io import HEAD_PREFIX, PEFT_CONFIG, TASK_TYPES, WEIGHTS, _read_weights, copy_checked
 from softprompt.prefix import PrefixModel
 from softprompt.prefix_config import PrefixConfig
 from softprompt.prefix_encoder import prefix_geometry
@@ -123,7 +123,7 @@ def load_prefix(backbone: nn.Module, folder: Union[str, os.PathLike]) -> PrefixM
         if isinstance(n_virtual, bool) or not isinstance(n_virtual, int):
             raise ValueError(f"{folder / PEFT_CONFIG}: num_virtual_tokens={n_virtual!r}; expected an int")
         config = PrefixConfig(n_virtual=n_virtual)
-    state = load_file(str(folder / WEIGHTS))
+    state = _read_weights(folder / WEIGHTS)
     for key, value in state.items():
         if not value.is_floating_point() or not bool(torch.isfinite(value).all()):
             raise ValueError(f"{folder / WEIGHTS}: {key} is {value.dtype} with non-finite or non-float values; "
