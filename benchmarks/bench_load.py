@@ -53,10 +53,10 @@ import torch
 torch.set_num_threads(int(sys.argv[5]))
 import transformers
 transformers.logging.set_verbosity_error()
-stack, method, dtype_name, folder, _threads, steps, batch, seq = sys.argv[1:9]
+stack, method, dtype_name, folder, _threads, steps, batch, seq, release = sys.argv[1:10]
 steps, batch, seq = int(steps), int(batch), int(seq)
 dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-TARGETS = json.loads(sys.argv[9])
+TARGETS = json.loads(sys.argv[10])
 import lora, peft, bitsandbytes  # every import before the baseline
 
 def rss(field):  # bytes, from the kernel
@@ -99,6 +99,8 @@ model.train()
 opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 gen = torch.Generator().manual_seed(0)
 ids = torch.randint(3, model.config.vocab_size, (batch, seq), generator=gen)
+from train.memory import release_freed_memory, releases_each_step
+release_each_step = stack == "ours" and releases_each_step(release, model, torch.device("cpu"))
 reset_peak()
 losses = []
 t0 = time.perf_counter()
@@ -107,8 +109,7 @@ for _ in range(steps):
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    if stack == "ours":  # what train.loop does after each CPU step
-        from train.memory import release_freed_memory
+    if release_each_step:  # what train.loop does after each CPU step (LoopConfig.release_memory)
         release_freed_memory()
     losses.append(float(loss))
 step_s = (time.perf_counter() - t0) / steps
@@ -160,11 +161,11 @@ def largest_tensor_bytes(folder: str, dtype_bytes: int) -> int:
     return max(math.prod(files.shape(k)) for k in files.keys()) * dtype_bytes
 
 
-def run_case(case: str, folder: str, steps: int, threads: int, shape) -> dict:
+def run_case(case: str, folder: str, steps: int, threads: int, shape, release: str = "auto") -> dict:
     stack, method, dtype = CASES[case]
     env = dict(os.environ, PYTHONPATH=str(_common.ROOT), OMP_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-c", CHILD, stack, method, dtype, folder, str(threads), str(steps),
-           str(shape[0]), str(shape[1]), json.dumps(TARGETS)]
+           str(shape[0]), str(shape[1]), release, json.dumps(TARGETS)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(_common.ROOT))
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
     if out.returncode != 0 or not line:
@@ -181,6 +182,8 @@ def main() -> None:
     p = bench_args(__doc__.splitlines()[0], repeats=1)
     p.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=None)
     p.add_argument("--steps", type=int, default=STEPS)
+    p.add_argument("--release-memory", choices=("auto", "step", "never"), default="auto",
+                   help="ours: LoopConfig.release_memory (auto: after each step for 4-bit models only)")
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(DEFAULT_CASES))
     args = p.parse_args()
     threads = set_threads(args.threads)
@@ -193,7 +196,7 @@ def main() -> None:
         results = {}
         for case in args.cases:
             t0 = time.time()
-            results[case] = r = run_case(case, folder, steps, threads, shape)
+            results[case] = r = run_case(case, folder, steps, threads, shape, args.release_memory)
             print(f"{name} | {case} | {r} | {time.time() - t0:.0f} s", flush=True)
         grow = {c: {k: r[k] - r["base"] for k in ("after_load", "load_peak", "train_peak")}
                 for c, r in results.items() if "error" not in r}
@@ -231,8 +234,9 @@ def main() -> None:
             "VmRSS / VmHWM in a fresh process per case; QLoRA computes in its base dtype (fp32 or "
             f"bf16), double quantization on; {steps} AdamW steps of LoRA r={RANK} on {', '.join(TARGETS)}, "
             "batch x seq " + ", ".join(f"{m} {SHAPES[m][0]}x{SHAPES[m][1]}" for m in models) +
-            ". Ours trains as `train.loop` does: after each CPU step the freed heap goes back to "
-            "the OS (`train.memory.release_freed_memory`); every NF4 matmul dequantizes into one "
+            f". Ours trains as `train.loop` does with `release_memory={args.release_memory!r}` ("
+            "auto: a 4-bit model's freed heap goes back to the OS after each CPU step, a dense "
+            "model's stays with the process, `train/memory.py`); every NF4 matmul dequantizes into one "
             "reused buffer per weight size. Ours loads through `train.models.load_backbone` (streamed; NF4 as it reads), "
             "peft+bnb through `from_pretrained(quantization_config=BitsAndBytesConfig(nf4, "
             "double quant))` + `get_peft_model`. llama-1b is random-init (0.95B parameters), saved "

@@ -20,6 +20,7 @@ run 300 bench_merged.py "${ARGS[@]}"
 run 300 bench_generate.py "${GEN_ARGS[@]}"
 run 1200 bench_growth.py "${GEN_ARGS[@]}"
 run 600 bench_pack.py "${GEN_ARGS[@]}"
+run 900 bench_release.py "${GEN_ARGS[@]}"
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     run 300 bench_step.py --device cuda "${ARGS[@]}"
     run 120 bench_floor.py --device cuda "${ARGS[@]}"

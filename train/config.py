@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from .memory import RELEASE_MODES
+
 __all__ = ["METHODS", "PRECISIONS", "SCHEDULES", "ModelConfig", "DataConfig", "LoopConfig",
            "RunConfig", "default_lr"]
 
@@ -251,6 +253,7 @@ class LoopConfig:
     loss: str = "labelled"          # causal LM: labelled (output head only where labels are) | full (HF's logits)
     loss_chunk: int = 1024          # labelled loss: positions per head + cross-entropy chunk (bounds its memory)
     compile: bool = False           # run the model's forward through torch.compile (same numbers, to fp32 rounding)
+    release_memory: str = "auto"    # CPU: hand freed heap back after each step: auto (only for 4-bit models) | step | never
     log: str = "jsonl"              # jsonl (metrics.jsonl) | tensorboard (also TensorBoard events in tensorboard/)
 
     def __post_init__(self) -> None:
@@ -271,6 +274,8 @@ class LoopConfig:
         _check(self.loss in ("labelled", "full"), f"loss={self.loss!r}; expected labelled or full")
         _check(isinstance(self.loss_chunk, int) and self.loss_chunk > 0,
                f"loss_chunk={self.loss_chunk!r}; expected an integer > 0")
+        _check(self.release_memory in RELEASE_MODES,
+               f"release_memory={self.release_memory!r}; expected one of {RELEASE_MODES}")
         _check(self.log in LOGS, f"log={self.log!r}; expected one of {LOGS}")
         _check(self.log != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
                "log='tensorboard' needs the tensorboard package: pip install tensorboard (or purepeft[log])")

@@ -30,7 +30,7 @@ from .atomic import atomic_write_text
 from .checkpoint import latest_checkpoint, load_checkpoint, named_trainable, remove_orphans, save_checkpoint
 from .config import LoopConfig
 from .loss import batch_loss
-from .memory import release_freed_memory
+from .memory import release_freed_memory, releases_each_step
 from .metrics import open_board
 from .plot import plot_loss, read_metrics
 from .schedule import lr_factor
@@ -162,6 +162,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
     if not params:
         raise ValueError("the model has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    release_each_step = releases_each_step(cfg.release_memory, model, device)  # CPU heap (train/memory.py)
     net = distributed.wrap(model, cfg.distributed, world, device)  # DDP or FSDP2 (train/distributed.py)
     if cfg.compile:  # the forward only: checkpoints and adapters still see the plain model
         net = torch.compile(net)
@@ -295,7 +296,7 @@ def train(model: torch.nn.Module, examples: list, collate: Callable[[list], dict
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cpu":
+        if release_each_step:
             release_freed_memory()  # the step's activations, freed, go back to the OS (train/memory.py)
         if world > 1:
             dist.all_reduce(loss_sum)
