@@ -23,16 +23,19 @@ from .config import DataConfig, LoopConfig, ModelConfig, RunConfig
 from .plot import read_metrics
 from .run import prepare, run
 
-__all__ = ["demo_rows", "run_demo", "format_table"]
+__all__ = ["demo_rows", "run_demo", "format_table", "format_budget"]
 
 log = logging.getLogger(__name__)
 
-# Budgets per row: (steps, lr) for the MiniLM rows; SmolLM2 (steps, lr, held-out prompts scored).
-# The default fits a 2-core CPU in under 10 minutes with bf16 autocast; --full is the anchor
-# budget in fp32 (400 steps of batch 16; SmolLM2 300 steps of batch 8 at lr 2e-4).
-_QUICK = {"precision": "bf16", "mini_steps": 200, "smol": (80, 1e-3, 200),
-          "lr": {"head": 1e-2, "prompt": 3e-2, "ptuning": 1e-2, "prefix": 1e-2, "lora": 1e-3, "qlora": 1e-3, "ia3": 1e-2}}
-_FULL = {"precision": "fp32", "mini_steps": 400, "smol": (300, 2e-4, 400),
+# Budgets per row: MiniLM rows take mini_steps (or their entry in "steps") at their "lr"; SmolLM2
+# (steps, lr, held-out prompts scored). The default fits a 2-core CPU in under 10 minutes with
+# bf16 autocast; the soft-prompt rows' steps and learning rates come from the sweeps
+# benchmarks/sweeps/demo_softprompt.json and demo_ptuning.json (3 seeds each, docs/benchmarks.md).
+# --full is the anchor budget in fp32 (400 steps of batch 16; SmolLM2 300 steps of batch 8 at 2e-4).
+_QUICK = {"precision": "bf16", "mini_steps": 200, "steps": {"prompt": 300, "ptuning": 500},
+          "smol": (80, 1e-3, 200),
+          "lr": {"head": 1e-2, "prompt": 3e-1, "ptuning": 1e-2, "prefix": 1e-2, "lora": 1e-3, "qlora": 1e-3, "ia3": 1e-2}}
+_FULL = {"precision": "fp32", "mini_steps": 400, "steps": {}, "smol": (300, 2e-4, 400),
          "lr": {"head": 1e-2, "prompt": 3e-2, "ptuning": 1e-2, "prefix": 1e-2, "lora": 5e-4, "qlora": 5e-4, "ia3": 1e-2}}
 
 
@@ -42,8 +45,8 @@ def demo_rows(full: bool = False) -> dict[str, RunConfig]:
     mini_data = DataConfig(data="rotten_tomatoes", task="classify", max_length=64)
 
     def mini(method: str, **model) -> RunConfig:
-        loop = LoopConfig(steps=b["mini_steps"], batch_size=16, lr=b["lr"][method], precision=b["precision"],
-                          log_every=10)
+        loop = LoopConfig(steps=b["steps"].get(method, b["mini_steps"]), batch_size=16, lr=b["lr"][method],
+                          precision=b["precision"], log_every=10)
         return RunConfig(ModelConfig(method=method, **model), mini_data, loop)
     lora_knobs = dict(lora_r=8, lora_alpha=8, target_modules=("query", "value"))
     smol_steps, smol_lr, smol_eval = b["smol"]
@@ -77,6 +80,12 @@ def format_table(results: dict[str, dict]) -> str:
                      f"{_kb(s['adapter_bytes'])} | {s['s_per_step']:.3f} | "
                      f"{s['before'].get('accuracy', float('nan')):.3f} | {s['after'].get('accuracy', float('nan')):.3f} |")
     return "\n".join(lines)
+
+
+def format_budget(rows: dict[str, RunConfig]) -> str:
+    """One line per row: steps, batch, learning rate and precision, to print under the table."""
+    return "\n".join(f"- {name}: {cfg.loop.steps} steps of batch {cfg.loop.batch_size}, lr {cfg.lr:g}, "
+                     f"{cfg.loop.precision}" for name, cfg in rows.items())
 
 
 def _plot_all(out: Path, names: Sequence[str]) -> None:
@@ -133,13 +142,15 @@ def run_demo(out: Optional[Path] = None, full: bool = False, only: Optional[Sequ
     wall = time.perf_counter() - t0
     table = format_table(results)
     budget = "full" if full else "default"
+    budget_lines = format_budget(rows)
     held = ", ".join(f"{name} {len(prepared[name].held)}" for name in results)
     text = (f"# purepeft demo ({budget} budget)\n\nHeld-out accuracy on the bundled Rotten Tomatoes test split "
-            f"(examples scored: {held}). Wall time {wall:.0f} s.\n\n{table}\n")
+            f"(examples scored: {held}). Wall time {wall:.0f} s.\n\n{table}\n\nBudget:\n\n{budget_lines}\n")
     (out / "results.md").write_text(text)
     write_json_atomic(out / "results.json", {"wall_seconds": wall, "budget": budget, "rows": results})
     _plot_all(out, list(results))
     print()
     print(table)
+    print(f"\nbudget:\n{budget_lines}")
     print(f"\nwall time: {wall:.0f} s; results and plots in {out}")
     return results

@@ -113,6 +113,17 @@ def test_demo_has_an_ia3_row():
         assert (row.model.method, row.model.model, row.data.task) == ("ia3", "minilm", "classify")
 
 
+def test_demo_budget_lines_name_each_rows_steps_lr_and_precision():
+    from train.demo import demo_rows, format_budget
+    rows = demo_rows()
+    lines = format_budget(rows).splitlines()
+    assert len(lines) == len(rows)
+    for line, (name, cfg) in zip(lines, rows.items()):
+        assert line == (f"- {name}: {cfg.loop.steps} steps of batch {cfg.loop.batch_size}, lr {cfg.lr:g}, "
+                        f"{cfg.loop.precision}")
+    assert rows["prompt"].loop.steps != rows["lora"].loop.steps  # per-row budgets reach the configs
+
+
 def test_ia3_trains_and_reloads_from_the_cli(folders, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "ia3"
     assert _train(folders, out, "--model", str(folders / "tiny-bert"), "--data", str(folders / "reviews.csv"),
