@@ -33,7 +33,7 @@ from train.loop import train  # noqa: E402
 from train.models import load_backbone  # noqa: E402
 from train.run import build_model, dataclass_replace, prepare, score  # noqa: E402
 
-ROWS = ("prompt", "ptuning", "prefix", "lora", "qlora", "smollm2-lora")  # the head-only baseline has no peft form
+ROWS = ("prompt", "ptuning", "prefix", "lora", "qlora", "ia3", "smollm2-lora")  # the head-only baseline has no peft form
 
 
 def peft_model(p, row: str):
@@ -52,6 +52,8 @@ def peft_model(p, row: str):
         cfg = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=m.n_virtual,
                                       prefix_projection=m.prefix_projection,
                                       encoder_hidden_size=m.encoder_hidden or None)
+    elif m.method == "ia3":  # peft's defaults for the model type, as ours
+        cfg = peft.IA3Config(task_type=task)
     else:
         if m.method == "qlora":
             from benchmarks._backbones import bnb_quantize
@@ -125,6 +127,10 @@ def main() -> None:
                       f"{statistics.median(x['s_per_step'] for x in r):.3f}",
                       f"{mib(o[0]['memory'])} / {mib(r[0]['memory'])}"])
         print(table[-1], flush=True)
+        _emit(table, threads, device, args)  # after every row: a stopped run keeps the rows it finished
+
+
+def _emit(table: list, threads: int, device, args) -> None:
     md = markdown_table(["row", "steps", "seeds", "acc ours (mean ± std)", "acc peft (mean ± std)",
                          "equal run for run", "trainable ours / peft", "adapter KB ours / peft",
                          "s/step ours / peft", "step MiB ours / peft"], table)
@@ -133,9 +139,11 @@ def main() -> None:
              "loss, compared exactly. MiniLM rows score the bundled held-out snippets, the SmolLM2 row the "
              "demo's held-out prompts by the two answer tokens' logits. The adapter file is our folder's "
              "safetensors vs peft's `save_pretrained` (P-Tuning: ours also stores the encoder, peft only "
-             "the prompt table). qlora's peft side is bitsandbytes Linear4bit + peft LoRA.")
+             "the prompt table). qlora's peft side is bitsandbytes Linear4bit + peft LoRA; ia3's is "
+             "peft's IA3Config defaults for the model type (ours uses the same table).")
     emit("demo_vs_peft", "Method comparison: purepeft vs peft, same loop, same seeds", threads, md, notes,
-         device=device, write=should_write(args))
+         device=device, write=should_write(args), show=False)
+    print(md, flush=True)
 
 
 if __name__ == "__main__":
