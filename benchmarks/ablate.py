@@ -75,7 +75,7 @@ def main() -> None:
                   for r in _runs(out)]
         before = [b for b in before if b is not None]
         chance = f"; before training: {min(before):.3f}-{max(before):.3f}" if before else ""
-        threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count() or 1
+        threads = max(1, (os.cpu_count() or 1) // args.workers)  # per run, as train.sweep sets them
         png = os.path.relpath(RESULTS / f"ablate_{name}.png", BENCH_DOC.parent)
         body = (f"### {TITLES.get(name, name)}\n\n{header(threads)}\n\n"
                 f"Budget: {_budget(spec)}{chance}. Spec: `benchmarks/sweeps/{name}.json`; "

@@ -52,6 +52,13 @@ class PromptModel(nn.Module):
         backbone.requires_grad_(False)
         embedding = backbone.get_input_embeddings()
         self.dim = int(embedding.weight.shape[1])
+        # the head copy first, then the prompt: the trainable parameters come in peft's order
+        # (its wrapped model, then its prompt encoder), so a clipped global grad norm sums alike
+        self.head_name: Optional[str] = None
+        self.head: Optional[nn.Module] = None
+        if task == "seq_cls":
+            self.head_name = _find_head(backbone)
+            self.head = copy.deepcopy(getattr(backbone, self.head_name)).requires_grad_(True)
         if config.method == "prompt":
             self.prompt_encoder: nn.Module = SoftPrompt(config.n_virtual, self.dim)
         else:
@@ -61,11 +68,6 @@ class PromptModel(nn.Module):
         if init_weights:
             self._init_table(embedding, tokenizer)
         self.prompt_encoder.to(embedding.weight.device)
-        self.head_name: Optional[str] = None
-        self.head: Optional[nn.Module] = None
-        if task == "seq_cls":
-            self.head_name = _find_head(backbone)
-            self.head = copy.deepcopy(getattr(backbone, self.head_name)).requires_grad_(True)
 
     @property
     def table(self) -> SoftPrompt:
@@ -91,11 +93,9 @@ class PromptModel(nn.Module):
         return self.prompt_encoder()
 
     def adapter_parameters(self) -> list[nn.Parameter]:
-        """What trains: the prompt (or encoder) parameters, then the head copy's."""
-        params = list(self.prompt_encoder.parameters())
-        if self.head is not None:
-            params += list(self.head.parameters())
-        return params
+        """What trains: the head copy's parameters (seq_cls), then the prompt (or encoder) parameters."""
+        params = list(self.head.parameters()) if self.head is not None else []
+        return params + list(self.prompt_encoder.parameters())
 
     def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, token_type_ids: Optional[torch.Tensor] = None,

@@ -69,13 +69,15 @@ class PrefixModel(nn.Module):
         self.backbone, self.config, self.task = backbone, config, task
         backbone.requires_grad_(False)
         device = backbone.get_input_embeddings().weight.device
-        self.prefix_encoder = PrefixEncoder(config.n_virtual, self.geometry, config.projection,
-                                            config.encoder_hidden, config.init).to(device)
+        # the head copy first, then the encoder: the trainable parameters come in peft's order
+        # (its wrapped model, then its prompt encoder), so a clipped global grad norm sums alike
         self.head_name: Optional[str] = None
         self.head: Optional[nn.Module] = None
         if task == "seq_cls":
             self.head_name = _find_head(backbone)
             self.head = copy.deepcopy(getattr(backbone, self.head_name)).requires_grad_(True)
+        self.prefix_encoder = PrefixEncoder(config.n_virtual, self.geometry, config.projection,
+                                            config.encoder_hidden, config.init).to(device)
 
     def prefix(self) -> torch.Tensor:
         """Returns: the current prefixes [n_virtual, 2 * layers * kv_width], fp32."""
@@ -92,11 +94,9 @@ class PrefixModel(nn.Module):
         return prefix_cache(flat, self.geometry)
 
     def adapter_parameters(self) -> list[nn.Parameter]:
-        """What trains: the prefix encoder's parameters, then the head copy's."""
-        params = list(self.prefix_encoder.parameters())
-        if self.head is not None:
-            params += list(self.head.parameters())
-        return params
+        """What trains: the head copy's parameters (seq_cls), then the prefix encoder's."""
+        params = list(self.head.parameters()) if self.head is not None else []
+        return params + list(self.prefix_encoder.parameters())
 
     def get_input_embeddings(self) -> nn.Module:
         return self.backbone.get_input_embeddings()

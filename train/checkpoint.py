@@ -217,7 +217,8 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     state = read_state(folder)
     named = named_trainable(model)
     names = [n for n, _ in named]
-    if names != state["trainable_names"]:
+    saved = state["trainable_names"]
+    if sorted(names) != sorted(saved):
         missing = sorted(set(state["trainable_names"]) - set(names))
         unexpected = sorted(set(names) - set(state["trainable_names"]))
         raise ValueError(f"checkpoint {folder} does not fit this model: missing {missing}, "
@@ -231,7 +232,8 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
             p.copy_(tensors[n])
     opt_tensors = _load(folder / "optimizer.safetensors")
     order = [p for g in optimizer.param_groups for p in g["params"]]
-    index = {id(p): i for i, (_, p) in enumerate(named)}
+    slot = {n: i for i, n in enumerate(saved)}  # the checkpoint numbers states in its own order
+    index = {id(p): slot[n] for n, p in named}
     per_param: dict[int, dict] = {}
     for key, v in list(opt_tensors.items()) + list(state["optimizer_scalars"].items()):
         i, name = key.split(".", 1)

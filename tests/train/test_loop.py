@@ -165,3 +165,32 @@ def test_eval_every_and_metrics_lines(tmp_path):
     assert calls == [False]  # evaluated in eval mode
     assert all(r["tokens_per_s"] > 0 and r["lr"] >= 0 for r in lines if r["kind"] == "train")
     assert (tmp_path / "loss.png").stat().st_size > 0
+
+
+def test_checkpoint_loads_by_name_into_a_model_that_registers_its_parameters_in_another_order(tmp_path):
+    """A checkpoint numbers optimizer states in its own parameter order; loading maps them by name."""
+    from train.checkpoint import save_checkpoint
+
+    class AB(torch.nn.Module):
+        def __init__(self, first: str):
+            super().__init__()
+            shapes = {"a": (3, 2), "b": (5,)}
+            for name in (first, "b" if first == "a" else "a"):
+                self.register_parameter(name, torch.nn.Parameter(torch.zeros(shapes[name])))
+
+    src = AB("a")
+    with torch.no_grad():
+        src.a.copy_(torch.arange(6.0).view(3, 2))
+        src.b.copy_(torch.arange(5.0) + 10)
+    opt = torch.optim.AdamW(src.parameters(), lr=0.1)
+    src.a.grad, src.b.grad = torch.ones(3, 2), torch.full((5,), 2.0)
+    opt.step()
+    folder = save_checkpoint(tmp_path, 1, src, opt, None, {})
+    dst = AB("b")
+    assert [n for n, _ in dst.named_parameters()] == ["b", "a"]
+    dst_opt = torch.optim.AdamW(dst.parameters(), lr=0.1)
+    load_checkpoint(folder, dst, dst_opt)
+    assert torch.equal(dst.a, src.a) and torch.equal(dst.b, src.b)
+    for name in ("a", "b"):
+        ours, theirs = dst_opt.state[getattr(dst, name)], opt.state[getattr(src, name)]
+        assert torch.equal(ours["exp_avg"], theirs["exp_avg"]) and torch.equal(ours["exp_avg_sq"], theirs["exp_avg_sq"])
