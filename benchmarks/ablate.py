@@ -28,7 +28,9 @@ TITLES = {"prompt_length": "Prompt Tuning: number of virtual tokens",
           "encoder": "P-Tuning: prompt encoder",
           "rank": "LoRA: rank x targets (alpha = 2r)",
           "nf4": "LoRA: frozen base fp32 / bf16 / NF4 (QLoRA)",
-          "lora_lr": "LoRA: learning rate"}
+          "lora_lr": "LoRA: learning rate",
+          "demo_softprompt": "Soft prompts at the demo's budget (bf16, 300 steps): learning rate",
+          "demo_ptuning": "P-Tuning (MLP) at a longer demo budget (bf16, 500 steps): learning rate"}
 
 
 def _budget(spec) -> str:
