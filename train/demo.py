@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # --full is the anchor budget in fp32 (400 steps of batch 16; SmolLM2 300 steps of batch 8 at 2e-4).
 _QUICK = {"precision": "bf16", "mini_steps": 200, "steps": {"prompt": 300, "ptuning": 500},
           "smol": (80, 1e-3, 200),
-          "lr": {"head": 1e-2, "prompt": 3e-1, "ptuning": 1e-2, "prefix": 1e-2, "lora": 1e-3, "qlora": 1e-3, "ia3": 1e-2}}
+          "lr": {"head": 1e-2, "prompt": 3e-1, "ptuning": 1e-2, "prefix": 1e-2, "lora": 2e-3, "qlora": 2e-3, "ia3": 1e-2}}
 _FULL = {"precision": "fp32", "mini_steps": 400, "steps": {}, "smol": (300, 2e-4, 400),
          "lr": {"head": 1e-2, "prompt": 3e-2, "ptuning": 1e-2, "prefix": 1e-2, "lora": 5e-4, "qlora": 5e-4, "ia3": 1e-2}}
 
