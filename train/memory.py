@@ -10,8 +10,8 @@ call itself is cheap and a no-op where glibc is not the allocator.
 
 The price comes in the next step: every page handed back is faulted in and zeroed again when
 the next step's tensors land on it (about 0.7 GB a step on SmolLM2, 1 GB on MiniLM at batch 16,
-measured with getrusage). On 2 cores that made a MiniLM prompt-tuning step about 25% slower
-and a SmolLM2 QLoRA step about 14% slower, for a peak about 20% lower. So the loop asks
+measured with getrusage). On 2 cores that made a MiniLM prompt-tuning step 1.27x and a SmolLM2
+QLoRA step 1.17x as slow, for a peak about 20% lower (``benchmarks/bench_release.py``). So the loop asks
 ``releases_each_step``: ``LoopConfig.release_memory`` "step" always hands memory back after a
 CPU step, "never" leaves glibc alone (as a plain PyTorch loop does), and "auto" (the default)
 hands it back only for a model holding packed 4-bit weights (a frozen uint8 parameter, as
