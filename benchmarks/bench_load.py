@@ -22,6 +22,7 @@ import time
 
 import _common  # noqa: F401  (puts the repository root on sys.path)
 from _common import bench_args, emit, markdown_table, ratio, set_threads, should_write
+from train.memory import RELEASE_MODES
 
 # ---------------------------------------------------------------------------------- knobs
 STEPS = 10
@@ -182,7 +183,7 @@ def main() -> None:
     p = bench_args(__doc__.splitlines()[0], repeats=1)
     p.add_argument("--models", nargs="+", choices=sorted(SHAPES), default=None)
     p.add_argument("--steps", type=int, default=STEPS)
-    p.add_argument("--release-memory", choices=("auto", "step", "never"), default="auto",
+    p.add_argument("--release-memory", choices=RELEASE_MODES, default="auto",
                    help="ours: LoopConfig.release_memory (auto: after each step for 4-bit models only)")
     p.add_argument("--cases", nargs="+", choices=list(CASES), default=list(DEFAULT_CASES))
     args = p.parse_args()

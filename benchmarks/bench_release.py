@@ -10,6 +10,7 @@ after the first, the process's peak RSS (VmHWM) and its minor page faults per st
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import statistics
@@ -52,7 +53,7 @@ MODES = ("step", "never")
 
 
 def run_child(case: dict, mode: str, threads: int, steps: int | None) -> dict:
-    case = json.loads(json.dumps(case))
+    case = copy.deepcopy(case)
     case["loop"].update(release_memory=mode, progress=False, device="cpu")
     if steps:
         case["loop"].update(steps=steps, log_every=max(1, steps // 3))

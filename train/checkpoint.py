@@ -219,8 +219,8 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     names = [n for n, _ in named]
     saved = state["trainable_names"]
     if sorted(names) != sorted(saved):
-        missing = sorted(set(state["trainable_names"]) - set(names))
-        unexpected = sorted(set(names) - set(state["trainable_names"]))
+        missing = sorted(set(saved) - set(names))
+        unexpected = sorted(set(names) - set(saved))
         raise ValueError(f"checkpoint {folder} does not fit this model: missing {missing}, "
                          f"unexpected {unexpected}")
     tensors = _load(folder / "trainable.safetensors")

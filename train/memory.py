@@ -2,20 +2,20 @@
 
 glibc's allocator raises its mmap threshold to the size of the largest block freed so far
 (up to 32 MiB), so after the first step most activations and gradients of a CPU step live on
-its heap. When they are freed the pages stay with the process, and since the next step's
-tensors do not fit the holes exactly the heap keeps growing: on SmolLM2's QLoRA the process
-held a few hundred MiB of free heap after every step. ``release_freed_memory`` asks glibc to
+its heap, and freed, those pages stay with the process. ``release_freed_memory`` asks glibc to
 return every free page (``malloc_trim(0)`` also releases pages in the middle of the heap); the
-call itself is cheap and a no-op where glibc is not the allocator.
+call itself is cheap and a no-op where glibc is not the allocator. (Before NF4 matmuls reused
+one dequantization buffer per weight size the kept heap also grew step after step; now it stays
+flat after the first step.)
 
 The price comes in the next step: every page handed back is faulted in and zeroed again when
 the next step's tensors land on it (about 0.7 GB a step on SmolLM2, 1 GB on MiniLM at batch 16,
 measured with getrusage). On 2 cores that made a MiniLM prompt-tuning step 1.27x and a SmolLM2
-QLoRA step 1.17x as slow, for a peak about 20% lower (``benchmarks/bench_release.py``). So the loop asks
-``releases_each_step``: ``LoopConfig.release_memory`` "step" always hands memory back after a
-CPU step, "never" leaves glibc alone (as a plain PyTorch loop does), and "auto" (the default)
-hands it back only for a model holding packed 4-bit weights (a frozen uint8 parameter, as
-``lora.NF4Linear`` holds), whose user chose QLoRA to save memory.
+QLoRA step 1.17x as slow, for a peak about 20% lower (``benchmarks/bench_release.py``). So the
+loop asks ``releases_each_step``: ``LoopConfig.release_memory`` "step" always hands memory back
+after a CPU step, "never" leaves glibc alone (as a plain PyTorch loop does), and "auto" (the
+default) hands it back only for a model holding packed 4-bit weights (a frozen uint8 parameter,
+as ``lora.NF4Linear`` holds), whose user chose QLoRA to save memory.
 """
 from __future__ import annotations
 
