@@ -146,9 +146,16 @@ def ours(bb: Backbone, method: str, n_virtual: int = 20, r: int = 8,
 def bnb_quantize(model: torch.nn.Module, skip: tuple,
                  device: str | torch.device = "cpu") -> torch.nn.Module:
     """Swap every nn.Linear (except `skip` names) for a bitsandbytes NF4 Linear4bit, in place."""
-    import bitsandbytes as bnb
     names = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear
              and n.split(".")[-1] not in skip]
+    with torch.random.fork_rng(devices=[]):  # Linear4bit draws a throw-away init: keep the caller's RNG
+        _swap_in_linear4bit(model, names, device)
+    model.is_loaded_in_4bit = True  # how peft learns to dispatch its bnb LoRA layer
+    return model
+
+
+def _swap_in_linear4bit(model: torch.nn.Module, names: list, device) -> None:
+    import bitsandbytes as bnb
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -160,9 +167,12 @@ def bnb_quantize(model: torch.nn.Module, skip: tuple,
                                      compress_statistics=True, quant_type="nf4", blocksize=64)
         if lin.bias is not None:
             q.bias = torch.nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+        # On CPUs with AVX512-BF16, bitsandbytes repacks the weight at the first eval-mode forward
+        # for a bf16 inference kernel and keeps it repacked: a later training step then fails
+        # ("a view of a leaf Variable ... in-place") and eval outputs come from another kernel.
+        # The reference stays on its one documented path for training and scoring alike.
+        q.support_avx512bf16_for_cpu = False
         setattr(parent, child, q.to(device))  # .to() of a fresh Params4bit quantizes it
-    model.is_loaded_in_4bit = True  # how peft learns to dispatch its bnb LoRA layer
-    return model
 
 
 def reference(bb: Backbone, method: str, n_virtual: int = 20, r: int = 8,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -24,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import (bench_args, emit, markdown_table, mib, peak_memory, set_threads,  # noqa: E402
-                                should_write)
+from benchmarks._common import (BENCH_DOC, bench_args, emit, markdown_table, mib, peak_memory,  # noqa: E402
+                                set_threads, should_write)
 from train.adapters import adapter_bytes, save_adapted  # noqa: E402
 from train.data import PadCollator  # noqa: E402
 from train.demo import demo_rows  # noqa: E402
@@ -34,6 +35,10 @@ from train.models import load_backbone  # noqa: E402
 from train.run import build_model, dataclass_replace, prepare, score  # noqa: E402
 
 ROWS = ("prompt", "ptuning", "prefix", "lora", "qlora", "ia3", "smollm2-lora")  # the head-only baseline has no peft form
+SECTION = "demo_vs_peft"
+COLUMNS = ["row", "steps", "seeds", "acc ours (mean ± std)", "acc peft (mean ± std)", "equal run for run",
+           "trainable ours / peft", "adapter KB ours / peft", "s/step ours / peft", "step MiB ours / peft",
+           "measured"]
 
 
 def peft_model(p, row: str):
@@ -125,24 +130,56 @@ def main() -> None:
                       f"{o[0]['bytes'] / 1024:,.1f} / {r[0]['bytes'] / 1024:,.1f}",
                       f"{statistics.median(x['s_per_step'] for x in o):.3f} / "
                       f"{statistics.median(x['s_per_step'] for x in r):.3f}",
-                      f"{mib(o[0]['memory'])} / {mib(r[0]['memory'])}"])
+                      f"{mib(o[0]['memory'])} / {mib(r[0]['memory'])}",
+                      time.strftime("%m-%d %H:%M UTC", time.gmtime()) + f", {threads} thr"])
         print(table[-1], flush=True)
         _emit(table, threads, device, args)  # after every row: a stopped run keeps the rows it finished
 
 
+def kept_rows(text: str, replaced) -> list[list[str]]:
+    """The rows of the docs table in `text` that this invocation does not re-measure (by row name).
+
+    Only rows with the current columns are kept: a table from an older layout is dropped whole.
+    """
+    start, end = f"<!-- bench:{SECTION} -->", f"<!-- /bench:{SECTION} -->"
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        return []
+    rows = []
+    for line in text[i:j].splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if (line.startswith("| ") and len(cells) == len(COLUMNS) and cells[0] in ROWS
+                and cells[0] not in replaced):
+            rows.append(cells)
+    return rows
+
+
+def merged(table: list, text: str) -> list:
+    """This invocation's rows plus the kept ones, in ROWS order."""
+    rows = table + kept_rows(text, {r[0] for r in table})
+    return sorted(rows, key=lambda r: ROWS.index(r[0]))
+
+
 def _emit(table: list, threads: int, device, args) -> None:
-    md = markdown_table(["row", "steps", "seeds", "acc ours (mean ± std)", "acc peft (mean ± std)",
-                         "equal run for run", "trainable ours / peft", "adapter KB ours / peft",
-                         "s/step ours / peft", "step MiB ours / peft"], table)
+    write = should_write(args)
+    if write and BENCH_DOC.exists():
+        table = merged(table, BENCH_DOC.read_text(encoding="utf-8"))
+    md = markdown_table(COLUMNS, table)
     notes = ("Both sides: the same loop (`train.loop.train`), split, seeds and initial random state. "
              "'equal run for run' = for every seed, the same held-out accuracy and the same final logged "
              "loss, compared exactly. MiniLM rows score the bundled held-out snippets, the SmolLM2 row the "
              "demo's held-out prompts by the two answer tokens' logits. The adapter file is our folder's "
              "safetensors vs peft's `save_pretrained` (P-Tuning: ours also stores the encoder, peft only "
              "the prompt table). qlora's peft side is bitsandbytes Linear4bit + peft LoRA; ia3's is "
-             "peft's IA3Config defaults for the model type (ours uses the same table).")
-    emit("demo_vs_peft", "Method comparison: purepeft vs peft, same loop, same seeds", threads, md, notes,
-         device=device, write=should_write(args), show=False)
+             "peft's IA3Config defaults for the model type (ours uses the same table); the bitsandbytes "
+             "reference keeps its one CPU path (no AVX512-BF16 repacking in eval mode, which would break "
+             "its training afterwards). 'step MiB' runs the model's own full-logits forward on both "
+             "sides; the training runs (accuracy, s/step) use the loop's labelled-only loss on both "
+             "sides. Rows come from "
+             "separate invocations (`--only ROW ...`; the header is the latest one's): compare s/step "
+             "within a row, not across rows measured at other times.")
+    emit(SECTION, "Method comparison: purepeft vs peft, same loop, same seeds", threads, md, notes,
+         device=device, write=write, show=False)
     print(md, flush=True)
 
 
