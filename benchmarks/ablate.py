@@ -30,7 +30,8 @@ TITLES = {"prompt_length": "Prompt Tuning: number of virtual tokens",
           "nf4": "LoRA: frozen base fp32 / bf16 / NF4 (QLoRA)",
           "lora_lr": "LoRA: learning rate",
           "demo_softprompt": "Soft prompts at the demo's budget (bf16, 300 steps): learning rate",
-          "demo_ptuning": "P-Tuning (MLP) at a longer demo budget (bf16, 500 steps): learning rate"}
+          "demo_ptuning": "P-Tuning (MLP) at a longer demo budget (bf16, 500 steps): learning rate",
+          "demo_ptuning_encoder": "P-Tuning at the demo's budget (500 steps, lr 1e-2): LSTM encoder, or fp32"}
 
 
 def _budget(spec) -> str:

@@ -28,7 +28,20 @@ REF = Path(__file__).resolve().parent / "reference"
 MANIFEST = json.loads((REF / "manifest.json").read_text())
 CASES = sorted(MANIFEST["cases"])
 TOL = dict(rtol=1e-5, atol=1e-6)
-GRAD_TOL = dict(rtol=1e-5, atol=1e-8)  # tiny decoders have gradients ~1e-5
+
+
+def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, key: str) -> None:
+    """Gradients against the stored reference: rtol 5e-5 and an atol of 1e-6 of the tensor's
+    largest entry (at least 1e-8: tiny decoders have gradients ~1e-5).
+
+    The reference was computed once, on another CPU; outputs and AdamW steps match it to 1e-5,
+    but a gradient entry that is a long sum with cancellation carries that CPU's summation order.
+    On an AMD EPYC host (the suite had passed at rtol 1e-5 on an Intel Xeon one), Pfeiffer cases
+    only, the worst entries were 1.4e-5 to 3.9e-5 of themselves (e.g. the learned scalar
+    `scaling`'s gradient, 0.0177, off by 4.8e-7), all far below their tensor's largest entry.
+    """
+    atol = max(1e-8, 1e-6 * expected.abs().max().item())
+    torch.testing.assert_close(actual, expected, rtol=5e-5, atol=atol, msg=key)
 
 
 def base(name: str) -> torch.nn.Module:
@@ -85,7 +98,7 @@ def test_outputs_and_gradients_match_adapterhub(case):
     assert set(grads) == set(mine)
     for key, grad in grads.items():
         assert grad.abs().max() > 1e-5, key  # a loss the adapter really moves
-        torch.testing.assert_close(mine[key].grad, grad, **GRAD_TOL, msg=key)
+        assert_grad_close(mine[key].grad, grad, key)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -313,7 +326,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(case):
     loss_of(forward(model), mask).backward()
     grads, mine = expected(case, "grad", model), bottleneck_tensors(model)
     for key, grad in grads.items():
-        torch.testing.assert_close(mine[key].grad, grad, **GRAD_TOL, msg=key)
+        assert_grad_close(mine[key].grad, grad, key)
 
 
 def test_adapterhub_folder_from_bertmodel_loads_into_a_classifier():
