@@ -209,10 +209,21 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+
+
+def section_text(text: str, name: str) -> str:
+    """The block between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in `text` ("" if absent)."""
+    start, end = _markers(name)
+    i, j = text.find(start), text.find(end)
+    return text[i + len(start):j] if 0 <= i < j else ""
+
+
 def replace_section(text: str, name: str, body: str) -> str:
     """Return `text` with the block between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`
     replaced by `body`; the markers are appended at the end when absent."""
-    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    start, end = _markers(name)
     block = f"{start}\n{body.strip()}\n{end}"
     i, j = text.find(start), text.find(end)
     if i >= 0 and j > i:

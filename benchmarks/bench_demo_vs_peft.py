@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import (BENCH_DOC, bench_args, emit, markdown_table, mib, peak_memory,  # noqa: E402
-                                set_threads, should_write)
+                                section_text, set_threads, should_write)
 from train.adapters import adapter_bytes, save_adapted  # noqa: E402
 from train.data import PadCollator  # noqa: E402
 from train.demo import demo_rows  # noqa: E402
@@ -141,12 +141,8 @@ def kept_rows(text: str, replaced) -> list[list[str]]:
 
     Only rows with the current columns are kept: a table from an older layout is dropped whole.
     """
-    start, end = f"<!-- bench:{SECTION} -->", f"<!-- /bench:{SECTION} -->"
-    i, j = text.find(start), text.find(end)
-    if i < 0 or j < i:
-        return []
     rows = []
-    for line in text[i:j].splitlines():
+    for line in section_text(text, SECTION).splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if (line.startswith("| ") and len(cells) == len(COLUMNS) and cells[0] in ROWS
                 and cells[0] not in replaced):
@@ -175,9 +171,8 @@ def _emit(table: list, threads: int, device, args) -> None:
              "reference keeps its one CPU path (no AVX512-BF16 repacking in eval mode, which would break "
              "its training afterwards). 'step MiB' runs the model's own full-logits forward on both "
              "sides; the training runs (accuracy, s/step) use the loop's labelled-only loss on both "
-             "sides. Rows come from "
-             "separate invocations (`--only ROW ...`; the header is the latest one's): compare s/step "
-             "within a row, not across rows measured at other times.")
+             "sides. Rows come from separate invocations (`--only ROW ...`; the header is the latest "
+             "one's): compare s/step within a row, not across rows measured at other times.")
     emit(SECTION, "Method comparison: purepeft vs peft, same loop, same seeds", threads, md, notes,
          device=device, write=write, show=False)
     print(md, flush=True)
