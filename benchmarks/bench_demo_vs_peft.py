@@ -52,7 +52,8 @@ def peft_model(p, row: str):
         cfg = peft.PromptTuningConfig(task_type=task, num_virtual_tokens=m.n_virtual)
     elif m.method == "ptuning":
         cfg = peft.PromptEncoderConfig(task_type=task, num_virtual_tokens=m.n_virtual,
-                                       encoder_reparameterization_type="MLP")
+                                       encoder_reparameterization_type=m.encoder.upper(),
+                                       encoder_hidden_size=m.encoder_hidden or None)
     elif m.method == "prefix":
         cfg = peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=m.n_virtual,
                                       prefix_projection=m.prefix_projection,

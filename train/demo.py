@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 # Budgets per row: MiniLM rows take mini_steps (or their entry in "steps") at their "lr"; SmolLM2
 # (steps, lr, held-out prompts scored). The default fits a 2-core CPU in under 10 minutes with
-# bf16 autocast; the soft-prompt rows' steps and learning rates come from the sweeps
-# benchmarks/sweeps/demo_softprompt.json and demo_ptuning.json (3 seeds each, docs/benchmarks.md).
+# bf16 autocast; the soft-prompt rows' steps, learning rates and P-Tuning's encoder come from the
+# sweeps benchmarks/sweeps/demo_softprompt.json, demo_ptuning.json and demo_ptuning_encoder.json
+# (3 seeds each, docs/benchmarks.md).
 # --full is the anchor budget in fp32 (400 steps of batch 16; SmolLM2 300 steps of batch 8 at 2e-4).
 _QUICK = {"precision": "bf16", "mini_steps": 200, "steps": {"prompt": 300, "ptuning": 500},
           "smol": (80, 1e-3, 200),
@@ -53,7 +54,7 @@ def demo_rows(full: bool = False) -> dict[str, RunConfig]:
     return {
         "head": mini("head"),
         "prompt": mini("prompt", n_virtual=20),
-        "ptuning": mini("ptuning", n_virtual=20, encoder="mlp"),
+        "ptuning": mini("ptuning", n_virtual=20, encoder="lstm"),
         "prefix": mini("prefix", n_virtual=20),
         "lora": mini("lora", **lora_knobs),
         "qlora": mini("qlora", **lora_knobs),
@@ -82,10 +83,20 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _method_knobs(m: ModelConfig) -> str:
+    """The knobs a row's method was tuned on, as words ("" for methods without any here)."""
+    if m.method in ("prompt", "ptuning", "prefix"):
+        return f", {m.n_virtual} virtual tokens" + (f", {m.encoder} encoder" if m.method == "ptuning" else "")
+    if m.method in ("lora", "qlora"):
+        return f", r {m.lora_r} alpha {m.lora_alpha:g} on {'+'.join(m.target_modules)}"
+    return ""
+
+
 def format_budget(rows: dict[str, RunConfig]) -> str:
-    """One line per row: steps, batch, learning rate and precision, to print under the table."""
+    """One line per row: steps, batch, learning rate, precision and the method's own knobs
+    (virtual tokens, P-Tuning's encoder, LoRA's rank and targets), to print under the table."""
     return "\n".join(f"- {name}: {cfg.loop.steps} steps of batch {cfg.loop.batch_size}, lr {cfg.lr:g}, "
-                     f"{cfg.loop.precision}" for name, cfg in rows.items())
+                     f"{cfg.loop.precision}{_method_knobs(cfg.model)}" for name, cfg in rows.items())
 
 
 def _plot_all(out: Path, names: Sequence[str]) -> None:

@@ -28,3 +28,23 @@ def test_rows_of_another_layout_or_outside_the_section_are_not_kept():
     doc = replace_section("| lora | stray |\n", bench.SECTION, old)
     assert bench.kept_rows(doc, set()) == []
     assert bench.kept_rows("# no section\n", set()) == []
+
+
+def test_peft_side_of_a_ptuning_row_uses_the_rows_encoder(tmp_path):
+    """peft's P-Tuning is built with the demo row's encoder (LSTM now), not a fixed MLP."""
+    from types import SimpleNamespace
+
+    from tests.models import tiny_bert_classifier
+    from train.demo import demo_rows
+    tiny_bert_classifier(num_labels=2).save_pretrained(tmp_path)
+    cfg = demo_rows()["ptuning"]
+    assert cfg.model.encoder == "lstm"
+    for encoder in ("lstm", "mlp"):
+        row = cfg.__class__.from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "encoder": encoder}})
+        p = SimpleNamespace(cfg=row, folder=tmp_path, task="seq_cls", num_labels=2)
+        model = bench.peft_model(p, "ptuning")
+        peft_cfg = model.peft_config["default"]
+        assert str(getattr(peft_cfg.encoder_reparameterization_type, "value", peft_cfg.encoder_reparameterization_type)) \
+            == encoder.upper()
+        encoder_module = model.prompt_encoder["default"]
+        assert hasattr(encoder_module, "lstm_head") == (encoder == "lstm")

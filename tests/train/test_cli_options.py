@@ -113,15 +113,21 @@ def test_demo_has_an_ia3_row():
         assert (row.model.method, row.model.model, row.data.task) == ("ia3", "minilm", "classify")
 
 
-def test_demo_budget_lines_name_each_rows_steps_lr_and_precision():
+def test_demo_budget_lines_name_each_rows_steps_lr_precision_and_knobs():
     from train.demo import demo_rows, format_budget
     rows = demo_rows()
     lines = format_budget(rows).splitlines()
     assert len(lines) == len(rows)
     for line, (name, cfg) in zip(lines, rows.items()):
-        assert line == (f"- {name}: {cfg.loop.steps} steps of batch {cfg.loop.batch_size}, lr {cfg.lr:g}, "
-                        f"{cfg.loop.precision}")
+        assert line.startswith(f"- {name}: {cfg.loop.steps} steps of batch {cfg.loop.batch_size}, "
+                               f"lr {cfg.lr:g}, {cfg.loop.precision}")
     assert rows["prompt"].loop.steps != rows["lora"].loop.steps  # per-row budgets reach the configs
+    by_name = dict(zip(rows, lines))
+    assert by_name["ptuning"].endswith("bf16, 20 virtual tokens, lstm encoder")  # the sweep's pick
+    assert by_name["prompt"].endswith("bf16, 20 virtual tokens")
+    assert by_name["lora"].endswith("bf16, r 8 alpha 8 on query+value")
+    assert by_name["smollm2-lora"].endswith("r 8 alpha 16 on q_proj+v_proj")
+    assert by_name["head"].endswith("bf16") and by_name["ia3"].endswith("bf16")
 
 
 def test_ia3_trains_and_reloads_from_the_cli(folders, tmp_path, capsys):  # noqa: F811
