@@ -31,7 +31,8 @@ TITLES = {"prompt_length": "Prompt Tuning: number of virtual tokens",
           "lora_lr": "LoRA: learning rate",
           "demo_softprompt": "Soft prompts at the demo's budget (bf16, 300 steps): learning rate",
           "demo_ptuning": "P-Tuning (MLP) at a longer demo budget (bf16, 500 steps): learning rate",
-          "demo_ptuning_encoder": "P-Tuning at the demo's budget (500 steps, lr 1e-2): LSTM encoder, or fp32"}
+          "demo_ptuning_encoder": "P-Tuning at the demo's budget (500 steps, lr 1e-2): LSTM encoder, or fp32",
+          "demo_ptuning_lstm": "P-Tuning (LSTM) as the demo runs it (bf16, two threads): higher lr, or more steps"}
 
 
 def _budget(spec) -> str:

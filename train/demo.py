@@ -30,10 +30,10 @@ log = logging.getLogger(__name__)
 # Budgets per row: MiniLM rows take mini_steps (or their entry in "steps") at their "lr"; SmolLM2
 # (steps, lr, held-out prompts scored). The default fits a 2-core CPU in under 10 minutes with
 # bf16 autocast; the soft-prompt rows' steps, learning rates and P-Tuning's encoder come from the
-# sweeps benchmarks/sweeps/demo_softprompt.json, demo_ptuning.json and demo_ptuning_encoder.json
-# (3 seeds each, docs/benchmarks.md).
+# sweeps benchmarks/sweeps/demo_softprompt.json, demo_ptuning.json, demo_ptuning_encoder.json and
+# demo_ptuning_lstm.json (3 seeds each, docs/benchmarks.md; LSTM at 800 steps: 0.758 ± 0.006).
 # --full is the anchor budget in fp32 (400 steps of batch 16; SmolLM2 300 steps of batch 8 at 2e-4).
-_QUICK = {"precision": "bf16", "mini_steps": 200, "steps": {"prompt": 300, "ptuning": 500},
+_QUICK = {"precision": "bf16", "mini_steps": 200, "steps": {"prompt": 300, "ptuning": 800},
           "smol": (80, 1e-3, 200),
           "lr": {"head": 1e-2, "prompt": 3e-1, "ptuning": 1e-2, "prefix": 1e-2, "lora": 2e-3, "qlora": 2e-3, "ia3": 1e-2}}
 _FULL = {"precision": "fp32", "mini_steps": 400, "steps": {}, "smol": (300, 2e-4, 400),
