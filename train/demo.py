@@ -7,7 +7,8 @@ model's own chat template (user turn "Is the sentiment ... positive or negative?
 assistant turn "positive" / "negative"), scored by comparing the two answer tokens' logits.
 Accuracy is measured on the held-out split before and after training.
 
-The default budget fits a 2-core CPU in under 10 minutes; ``--full`` runs the longer anchor
+The default budget takes about 17 minutes on a 2-vCPU AMD EPYC (P-Tuning's 800 steps are a
+third of it; steps ran 1.5-1.7x faster on a 2-vCPU Intel Xeon); ``--full`` runs the longer anchor
 budget (400 steps of batch 16 for MiniLM, 300 of batch 8 for SmolLM2).
 """
 from __future__ import annotations
@@ -28,8 +29,8 @@ __all__ = ["demo_rows", "run_demo", "format_table", "format_budget"]
 log = logging.getLogger(__name__)
 
 # Budgets per row: MiniLM rows take mini_steps (or their entry in "steps") at their "lr"; SmolLM2
-# (steps, lr, held-out prompts scored). The default fits a 2-core CPU in under 10 minutes with
-# bf16 autocast; the soft-prompt rows' steps, learning rates and P-Tuning's encoder come from the
+# (steps, lr, held-out prompts scored). The default runs with bf16 autocast (timings in
+# docs/training.md); the soft-prompt rows' steps, learning rates and P-Tuning's encoder come from the
 # sweeps benchmarks/sweeps/demo_softprompt.json, demo_ptuning.json, demo_ptuning_encoder.json and
 # demo_ptuning_lstm.json (3 seeds each, docs/benchmarks.md; LSTM at 800 steps: 0.758 ± 0.006).
 # --full is the anchor budget in fp32 (400 steps of batch 16; SmolLM2 300 steps of batch 8 at 2e-4).
